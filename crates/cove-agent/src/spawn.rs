@@ -1,0 +1,358 @@
+//! fork + exec of one sandboxed process.
+//!
+//! Everything the child needs is prepared before `fork` (C strings, fds,
+//! messages), so the child runs only async-signal-safe system calls. The
+//! child puts itself in its own session and process group, joins its
+//! per-process cgroup, takes its stdio, and drops to its user. A failure
+//! before `exec` is sent back on a close-on-exec pipe and becomes a spawn
+//! error; a failure *of* `exec` is what a shell would do: a message on the
+//! process's stderr and exit status 127 (not found) or 126 (not executable).
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::unistd::{ForkResult, Pid};
+
+use crate::users::Identity;
+
+/// A fully prepared process, ready to fork.
+#[derive(Debug)]
+pub struct Prepared {
+    path: Option<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+    identity: Identity,
+    not_found: Vec<u8>,
+    not_executable: Vec<u8>,
+}
+
+/// The file descriptors the child takes as 0, 1 and 2.
+#[derive(Debug)]
+pub struct ChildStdio<'a> {
+    pub stdin: &'a OwnedFd,
+    pub stdout: &'a OwnedFd,
+    pub stderr: &'a OwnedFd,
+    /// Make stdin the controlling terminal (PTY processes).
+    pub controlling_tty: bool,
+}
+
+/// The `oom_score_adj` for sandboxed processes: 0 when the agent could
+/// protect itself with -1000, otherwise 500 so that under memory pressure
+/// the kernel picks a sandboxed process long before the agent (which stays
+/// at 0 and is small).
+fn child_oom_score_adj() -> &'static [u8] {
+    static VALUE: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
+    VALUE.get_or_init(|| {
+        let own = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap_or_default();
+        match own.trim().parse::<i32>() {
+            Ok(adj) if adj < 0 => b"0",
+            _ => b"500",
+        }
+    })
+}
+
+/// Setup steps in the child, reported on the error pipe.
+const STEP_CWD: u32 = 1;
+const STEP_GROUPS: u32 = 2;
+const STEP_GID: u32 = 3;
+const STEP_UID: u32 = 4;
+const STEP_STDIO: u32 = 5;
+const STEP_TTY: u32 = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnFailure {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot fork: {0} (is the sandbox's pids limit reached?)")]
+    Fork(Errno),
+    #[error("cannot enter working directory {cwd}: {errno}")]
+    Cwd { cwd: String, errno: Errno },
+    #[error("cannot switch to uid {uid} gid {gid}: {errno}")]
+    Identity { uid: u32, gid: u32, errno: Errno },
+    #[error("cannot set up the process's {what}: {errno}")]
+    Setup { what: &'static str, errno: Errno },
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString, SpawnFailure> {
+    CString::new(s).map_err(|_| SpawnFailure::Invalid(format!("{what} contains a NUL byte")))
+}
+
+/// Search `PATH` the way `execvp` would, but before forking.
+fn search_path(program: &str, env: &[(String, String)]) -> Option<String> {
+    if program.contains('/') {
+        return Some(program.to_string());
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .find_map(|dir| {
+            let candidate = Path::new(dir).join(program);
+            let meta = std::fs::metadata(&candidate).ok()?;
+            use std::os::unix::fs::PermissionsExt;
+            (meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+                .then(|| candidate.to_string_lossy().into_owned())
+        })
+}
+
+impl Prepared {
+    pub fn new(
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: &str,
+        identity: Identity,
+    ) -> Result<Prepared, SpawnFailure> {
+        let Some(program) = argv.first() else {
+            return Err(SpawnFailure::Invalid("the command is empty".into()));
+        };
+        if program.is_empty() {
+            return Err(SpawnFailure::Invalid(
+                "the command's program name is empty".into(),
+            ));
+        }
+        let path = search_path(program, env)
+            .map(|p| cstring("the program path", &p))
+            .transpose()?;
+        let argv = argv
+            .iter()
+            .map(|a| cstring("an argument", a))
+            .collect::<Result<_, _>>()?;
+        let envp = env
+            .iter()
+            .map(|(k, v)| {
+                if k.is_empty() || k.contains('=') {
+                    return Err(SpawnFailure::Invalid(format!(
+                        "environment variable name {k:?} is empty or contains '='"
+                    )));
+                }
+                cstring("an environment variable", &format!("{k}={v}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Prepared {
+            path,
+            argv,
+            envp,
+            cwd: cstring("the working directory", cwd)?,
+            identity,
+            not_found: format!("{program}: command not found\n").into_bytes(),
+            not_executable: format!(
+                "{program}: cannot execute: permission denied or not a program\n"
+            )
+            .into_bytes(),
+        })
+    }
+
+    /// Fork and exec. `cgroup_procs` is the open `cgroup.procs` of the
+    /// process's own cgroup, joined by the child before it runs anything.
+    pub fn spawn(
+        &self,
+        stdio: ChildStdio<'_>,
+        cgroup_procs: Option<&OwnedFd>,
+    ) -> Result<Pid, SpawnFailure> {
+        let (err_read, err_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| SpawnFailure::Setup {
+                what: "error pipe",
+                errno,
+            })?;
+        let argv: Vec<*const libc::c_char> = self
+            .argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp: Vec<*const libc::c_char> = self
+            .envp
+            .iter()
+            .map(|e| e.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let groups: Vec<libc::gid_t> = self.identity.groups.clone();
+        let fds = [
+            stdio.stdin.as_raw_fd(),
+            stdio.stdout.as_raw_fd(),
+            stdio.stderr.as_raw_fd(),
+        ];
+        let cgroup_fd = cgroup_procs.map(|fd| fd.as_raw_fd());
+        // Computed before fork: the child may not allocate or read files.
+        let _ = child_oom_score_adj();
+
+        // SAFETY: the agent is single-threaded (a current-thread runtime with
+        // no blocking pool in use), and the child only makes async-signal-safe
+        // system calls on memory prepared above before it execs or exits.
+        match unsafe { nix::unistd::fork() } {
+            Err(errno) => Err(SpawnFailure::Fork(errno)),
+            Ok(ForkResult::Child) => {
+                drop(err_read);
+                // SAFETY: see above; `child` never returns.
+                unsafe {
+                    child(ChildArgs {
+                        path: self.path.as_ref().map(|p| p.as_ptr()),
+                        argv: argv.as_ptr(),
+                        envp: envp.as_ptr(),
+                        cwd: self.cwd.as_ptr(),
+                        uid: self.identity.uid,
+                        gid: self.identity.gid,
+                        groups: &groups,
+                        fds,
+                        ctty: stdio.controlling_tty,
+                        cgroup_fd,
+                        err_fd: err_write.as_raw_fd(),
+                        not_found: &self.not_found,
+                        not_executable: &self.not_executable,
+                    })
+                }
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(err_write);
+                let mut buf = [0u8; 8];
+                let n = read_full(&err_read, &mut buf);
+                if n == 8 {
+                    let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                    let errno =
+                        Errno::from_raw(i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]));
+                    // The child exits right after reporting; the reaper
+                    // collects it, nobody waits for its status.
+                    return Err(match step {
+                        STEP_CWD => SpawnFailure::Cwd {
+                            cwd: self.cwd.to_string_lossy().into_owned(),
+                            errno,
+                        },
+                        STEP_GROUPS | STEP_GID | STEP_UID => SpawnFailure::Identity {
+                            uid: self.identity.uid,
+                            gid: self.identity.gid,
+                            errno,
+                        },
+                        STEP_TTY => SpawnFailure::Setup {
+                            what: "controlling terminal",
+                            errno,
+                        },
+                        _ => SpawnFailure::Setup {
+                            what: "stdio",
+                            errno,
+                        },
+                    });
+                }
+                Ok(child)
+            }
+        }
+    }
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+struct ChildArgs<'a> {
+    path: Option<*const libc::c_char>,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    uid: u32,
+    gid: u32,
+    groups: &'a [libc::gid_t],
+    fds: [RawFd; 3],
+    ctty: bool,
+    cgroup_fd: Option<RawFd>,
+    err_fd: RawFd,
+    not_found: &'a [u8],
+    not_executable: &'a [u8],
+}
+
+/// # Safety
+/// Must only be called in a freshly forked child of a single-threaded parent.
+unsafe fn child(a: ChildArgs<'_>) -> ! {
+    // SAFETY: raw system calls on valid pointers prepared by the parent.
+    unsafe {
+        let fail = |step: u32| -> ! {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&step.to_ne_bytes());
+            msg[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(a.err_fd, msg.as_ptr().cast(), 8);
+            libc::_exit(126);
+        };
+
+        // Default signal dispositions and an empty mask: the agent ignores
+        // SIGPIPE and has handlers the process must not inherit.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        for sig in 1..libc::SIGRTMIN() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+
+        libc::setsid();
+        if let Some(fd) = a.cgroup_fd {
+            // Best effort: without it the process group still bounds the tree.
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+        }
+        // The agent shields itself from the OOM killer; its children must
+        // be the OOM killer's first choice instead.
+        let adj = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if adj >= 0 {
+            let value = child_oom_score_adj();
+            libc::write(adj, value.as_ptr().cast(), value.len());
+            libc::close(adj);
+        }
+
+        for (target, fd) in a.fds.iter().enumerate() {
+            if libc::dup2(*fd, target as i32) < 0 {
+                fail(STEP_STDIO);
+            }
+        }
+        if a.ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            fail(STEP_TTY);
+        }
+        if libc::chdir(a.cwd) < 0 {
+            fail(STEP_CWD);
+        }
+        if libc::setgroups(a.groups.len(), a.groups.as_ptr()) < 0 {
+            fail(STEP_GROUPS);
+        }
+        if libc::setgid(a.gid) < 0 {
+            fail(STEP_GID);
+        }
+        if libc::setuid(a.uid) < 0 {
+            fail(STEP_UID);
+        }
+
+        let errno = match a.path {
+            Some(path) => {
+                libc::execve(path, a.argv, a.envp);
+                *libc::__errno_location()
+            }
+            None => libc::ENOENT,
+        };
+        // Close the error pipe first: the parent treats EOF as "started".
+        libc::close(a.err_fd);
+        let (msg, code) = if errno == libc::ENOENT || errno == libc::ENOTDIR {
+            (a.not_found, 127)
+        } else {
+            (a.not_executable, 126)
+        };
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(code);
+    }
+}

@@ -1,0 +1,145 @@
+//! Length-prefixed framing: `u32` little-endian payload length, then a
+//! postcard-encoded message. The decoder checks the length before it
+//! allocates, and any bytes it cannot parse are an error, never a panic.
+
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Largest payload accepted in one frame. Output chunks are at most
+/// [`crate::MAX_CHUNK`]; the rest is room for stdin and specs.
+pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
+
+const HEADER_LEN: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] postcard::Error),
+    #[error("malformed frame: {0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A `tokio_util` codec that reads `In` and writes `Out`.
+#[derive(Debug)]
+pub struct FrameCodec<In, Out> {
+    max_len: usize,
+    _types: PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    pub fn new() -> Self {
+        Self::with_max_len(MAX_FRAME_LEN)
+    }
+
+    pub fn with_max_len(max_len: usize) -> Self {
+        FrameCodec {
+            max_len,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<In, Out> Default for FrameCodec<In, Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
+    type Item = In;
+    type Error = DecodeError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, DecodeError> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max_len {
+            return Err(DecodeError::TooLarge {
+                len,
+                max: self.max_len,
+            });
+        }
+        if src.len() < HEADER_LEN + len {
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        let payload = src.split_to(len);
+        decode_payload(&payload).map(Some)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<In>, DecodeError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(DecodeError::Truncated),
+        }
+    }
+}
+
+impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = DecodeError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), DecodeError> {
+        encode_into(&item, dst, self.max_len)
+    }
+}
+
+fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    let (value, rest) = postcard::take_from_bytes::<T>(payload)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(value)
+}
+
+fn encode_into<T: Serialize>(item: &T, dst: &mut BytesMut, max: usize) -> Result<(), DecodeError> {
+    let start = dst.len();
+    dst.put_u32_le(0);
+    let mut writer = dst.writer();
+    postcard::to_io(item, &mut writer)?;
+    let dst = writer.into_inner();
+    let len = dst.len() - start - HEADER_LEN;
+    if len > max {
+        dst.truncate(start);
+        return Err(DecodeError::TooLarge { len, max });
+    }
+    dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Encode one message as a complete frame.
+pub fn encode_frame<T: Serialize>(item: &T) -> Result<Vec<u8>, DecodeError> {
+    let mut buf = BytesMut::new();
+    encode_into(item, &mut buf, MAX_FRAME_LEN)?;
+    Ok(buf.to_vec())
+}
+
+/// Decode one complete frame from the start of `bytes`, returning the message
+/// and the number of bytes it used, or `None` when more bytes are needed.
+pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<(T, usize)>, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    decode_payload(payload).map(|value| Some((value, HEADER_LEN + len)))
+}

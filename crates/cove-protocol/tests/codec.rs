@@ -1,0 +1,196 @@
+//! Property tests for the frame decoder: arbitrary bytes never panic it,
+//! oversized lengths are refused before allocation, and every message
+//! survives a round trip byte for byte.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::BytesMut;
+use cove_protocol::{
+    AgentMessage, CommandLine, DecodeError, ExitStatus, FrameCodec, HostMessage, MAX_FRAME_LEN,
+    ProcessSpec, PtySize, Stream, decode_frame, encode_frame,
+};
+use proptest::prelude::*;
+use tokio_util::codec::{Decoder, Encoder};
+
+fn arb_spec() -> impl Strategy<Value = ProcessSpec> {
+    (
+        prop_oneof![
+            prop::collection::vec(".*", 0..4).prop_map(CommandLine::Argv),
+            ".*".prop_map(CommandLine::Shell)
+        ],
+        prop::collection::vec((".*", ".*"), 0..4),
+        any::<bool>(),
+        prop::option::of(".*"),
+        any::<u64>(),
+        prop::option::of(any::<u64>()),
+        prop::option::of(
+            (any::<u16>(), any::<u16>()).prop_map(|(rows, cols)| PtySize { rows, cols }),
+        ),
+    )
+        .prop_map(
+            |(command, env, stdin, cwd, timeout_ms, max_output, pty)| ProcessSpec {
+                command,
+                env,
+                clear_env: false,
+                cwd,
+                user: None,
+                stdin,
+                timeout_ms,
+                max_output,
+                pty,
+                window: 4096,
+            },
+        )
+}
+
+fn arb_host() -> impl Strategy<Value = HostMessage> {
+    prop_oneof![
+        (any::<u32>(), arb_spec()).prop_map(|(req, spec)| HostMessage::Spawn { req, spec }),
+        (any::<u32>(), prop::collection::vec(any::<u8>(), 0..2048))
+            .prop_map(|(pid, data)| HostMessage::Stdin { pid, data }),
+        (any::<u32>(), any::<i32>(), any::<bool>())
+            .prop_map(|(pid, signal, group)| HostMessage::Signal { pid, signal, group }),
+        (any::<u32>(), any::<u64>()).prop_map(|(pid, bytes)| HostMessage::Credit { pid, bytes }),
+    ]
+}
+
+fn arb_agent() -> impl Strategy<Value = AgentMessage> {
+    prop_oneof![
+        (
+            any::<u32>(),
+            any::<bool>(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..4096)
+        )
+            .prop_map(|(pid, err, offset, data)| AgentMessage::Output {
+                pid,
+                stream: if err { Stream::Stderr } else { Stream::Stdout },
+                offset,
+                data
+            }),
+        (any::<u32>(), prop::option::of(any::<i32>()), any::<bool>()).prop_map(
+            |(pid, code, timed_out)| AgentMessage::Exited {
+                pid,
+                status: ExitStatus {
+                    code,
+                    timed_out,
+                    ..ExitStatus::default()
+                }
+            }
+        ),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn decoder_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut codec = FrameCodec::<HostMessage, AgentMessage>::new();
+        let mut buf = BytesMut::from(&bytes[..]);
+        // Keep decoding until it needs more input or reports an error.
+        while let Ok(Some(_)) = codec.decode(&mut buf) {}
+        let _ = decode_frame::<AgentMessage>(&bytes);
+    }
+
+    #[test]
+    fn decoder_never_panics_on_valid_header_with_garbage(
+        payload in prop::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&payload);
+        let mut codec = FrameCodec::<HostMessage, AgentMessage>::new();
+        let mut buf = BytesMut::from(&bytes[..]);
+        let _ = codec.decode(&mut buf);
+        let mut codec = FrameCodec::<AgentMessage, HostMessage>::new();
+        let mut buf = BytesMut::from(&bytes[..]);
+        let _ = codec.decode(&mut buf);
+    }
+
+    #[test]
+    fn host_messages_round_trip(msg in arb_host()) {
+        let frame = encode_frame(&msg).unwrap();
+        let (back, used) = decode_frame::<HostMessage>(&frame).unwrap().unwrap();
+        prop_assert_eq!(used, frame.len());
+        prop_assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn agent_messages_round_trip_through_codec_split_anywhere(msg in arb_agent(), split in any::<prop::sample::Index>()) {
+        let mut codec = FrameCodec::<AgentMessage, AgentMessage>::new();
+        let mut encoded = BytesMut::new();
+        codec.encode(msg.clone(), &mut encoded).unwrap();
+        let cut = split.index(encoded.len());
+        let mut buf = BytesMut::from(&encoded[..cut]);
+        let first = codec.decode(&mut buf).unwrap();
+        if cut < encoded.len() {
+            prop_assert!(first.is_none());
+            buf.extend_from_slice(&encoded[cut..]);
+            prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(msg));
+        } else {
+            prop_assert_eq!(first, Some(msg));
+        }
+    }
+}
+
+#[test]
+fn oversized_length_is_refused_without_allocating() {
+    let mut codec = FrameCodec::<HostMessage, AgentMessage>::new();
+    let mut buf = BytesMut::from(&u32::MAX.to_le_bytes()[..]);
+    match codec.decode(&mut buf) {
+        Err(DecodeError::TooLarge { len, max }) => {
+            assert_eq!(len, u32::MAX as usize);
+            assert_eq!(max, MAX_FRAME_LEN);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(
+        buf.capacity() < 1024,
+        "decoder must not reserve for a refused frame"
+    );
+}
+
+#[test]
+fn trailing_bytes_are_malformed() {
+    let mut frame = encode_frame(&HostMessage::Ping { nonce: 7 }).unwrap();
+    frame.push(0);
+    let len = (frame.len() - 4) as u32;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    assert!(matches!(
+        decode_frame::<HostMessage>(&frame),
+        Err(DecodeError::Trailing(1))
+    ));
+}
+
+#[test]
+fn truncated_frame_at_eof_is_an_error() {
+    let frame = encode_frame(&HostMessage::Ping { nonce: 7 }).unwrap();
+    let mut codec = FrameCodec::<HostMessage, AgentMessage>::new();
+    let mut buf = BytesMut::from(&frame[..frame.len() - 1]);
+    assert!(matches!(
+        codec.decode_eof(&mut buf),
+        Err(DecodeError::Truncated)
+    ));
+}
+
+#[test]
+fn binary_stdio_is_carried_intact() {
+    let data: Vec<u8> = (0..=255u8).chain([0, 0, 0xff, 0xfe]).collect();
+    let msg = AgentMessage::Output {
+        pid: 1,
+        stream: Stream::Stdout,
+        offset: 0,
+        data: data.clone(),
+    };
+    let frame = encode_frame(&msg).unwrap();
+    let (back, _) = decode_frame::<AgentMessage>(&frame).unwrap().unwrap();
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn shell_command_runs_through_sh_c() {
+    assert_eq!(
+        CommandLine::Shell("echo $HOME".into()).to_argv(),
+        vec!["/bin/sh".to_string(), "-c".into(), "echo $HOME".into()]
+    );
+}
