@@ -1,24 +1,23 @@
-//! fork + exec of one sandboxed process.
+//! Starting one sandboxed process (clone + exec).
 //!
-//! Everything the child needs is prepared before `fork` (C strings, fds,
+//! Everything the child needs is prepared beforehand (C strings, fds,
 //! messages), so the child runs only async-signal-safe system calls. The
 //! child puts itself in its own session and process group, joins its
 //! per-process cgroup, takes its stdio, and drops to its user. A failure
-//! before `exec` is sent back on a close-on-exec pipe and becomes a spawn
-//! error; a failure *of* `exec` is what a shell would do: a message on the
-//! process's stderr and exit status 127 (not found) or 126 (not executable).
+//! before `exec` becomes a spawn error; a failure *of* `exec` is what a
+//! shell would do: a message on the process's stderr and exit status 127
+//! (not found) or 126 (not executable).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 
 use crate::users::Identity;
 
-/// A fully prepared process, ready to fork.
+/// A fully prepared process, ready to start.
 #[derive(Debug)]
 pub struct Prepared {
     path: Option<CString>,
@@ -81,7 +80,7 @@ fn cstring(what: &str, s: &str) -> Result<CString, SpawnFailure> {
     CString::new(s).map_err(|_| SpawnFailure::Invalid(format!("{what} contains a NUL byte")))
 }
 
-/// Search `PATH` the way `execvp` would, but before forking.
+/// Search `PATH` the way `execvp` would, but before the child exists.
 fn search_path(program: &str, env: &[(String, String)]) -> Option<String> {
     if program.contains('/') {
         return Some(program.to_string());
@@ -150,18 +149,18 @@ impl Prepared {
         })
     }
 
-    /// Fork and exec. `cgroup_procs` is the open `cgroup.procs` of the
+    /// Start the process. `cgroup_procs` is the open `cgroup.procs` of the
     /// process's own cgroup, joined by the child before it runs anything.
+    ///
+    /// The child shares the agent's memory and the agent waits until it has
+    /// exec'd or exited (`CLONE_VM | CLONE_VFORK`, as `posix_spawn` does), so
+    /// no page tables are copied; a setup failure is written straight into
+    /// `report`, which the agent reads once the child is gone.
     pub fn spawn(
         &self,
         stdio: ChildStdio<'_>,
         cgroup_procs: Option<&OwnedFd>,
     ) -> Result<Pid, SpawnFailure> {
-        let (err_read, err_write) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| SpawnFailure::Setup {
-                what: "error pipe",
-                errno,
-            })?;
         let argv: Vec<*const libc::c_char> = self
             .argv
             .iter()
@@ -181,82 +180,88 @@ impl Prepared {
             stdio.stderr.as_raw_fd(),
         ];
         let cgroup_fd = cgroup_procs.map(|fd| fd.as_raw_fd());
-        // Computed before fork: the child may not allocate or read files.
+        // Computed before the child runs: it may not allocate or read files.
         let _ = child_oom_score_adj();
+        let mut report: [i32; 2] = [0, 0];
+        let report_ptr = report.as_mut_ptr();
+        let args = ChildArgs {
+            path: self.path.as_ref().map(|p| p.as_ptr()),
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+            cwd: self.cwd.as_ptr(),
+            uid: self.identity.uid,
+            gid: self.identity.gid,
+            groups: &groups,
+            fds,
+            ctty: stdio.controlling_tty,
+            cgroup_fd,
+            report: report_ptr,
+            not_found: &self.not_found,
+            not_executable: &self.not_executable,
+        };
 
-        // SAFETY: the agent is single-threaded (a current-thread runtime with
-        // no blocking pool in use), and the child only makes async-signal-safe
-        // system calls on memory prepared above before it execs or exits.
-        match unsafe { nix::unistd::fork() } {
-            Err(errno) => Err(SpawnFailure::Fork(errno)),
-            Ok(ForkResult::Child) => {
-                drop(err_read);
-                // SAFETY: see above; `child` never returns.
-                unsafe {
-                    child(ChildArgs {
-                        path: self.path.as_ref().map(|p| p.as_ptr()),
-                        argv: argv.as_ptr(),
-                        envp: envp.as_ptr(),
-                        cwd: self.cwd.as_ptr(),
-                        uid: self.identity.uid,
-                        gid: self.identity.gid,
-                        groups: &groups,
-                        fds,
-                        ctty: stdio.controlling_tty,
-                        cgroup_fd,
-                        err_fd: err_write.as_raw_fd(),
-                        not_found: &self.not_found,
-                        not_executable: &self.not_executable,
-                    })
-                }
-            }
-            Ok(ForkResult::Parent { child }) => {
-                drop(err_write);
-                let mut buf = [0u8; 8];
-                let n = read_full(&err_read, &mut buf);
-                if n == 8 {
-                    let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                    let errno =
-                        Errno::from_raw(i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]));
-                    // The child exits right after reporting; the reaper
-                    // collects it, nobody waits for its status.
-                    return Err(match step {
-                        STEP_CWD => SpawnFailure::Cwd {
-                            cwd: self.cwd.to_string_lossy().into_owned(),
-                            errno,
-                        },
-                        STEP_GROUPS | STEP_GID | STEP_UID => SpawnFailure::Identity {
-                            uid: self.identity.uid,
-                            gid: self.identity.gid,
-                            errno,
-                        },
-                        STEP_TTY => SpawnFailure::Setup {
-                            what: "controlling terminal",
-                            errno,
-                        },
-                        _ => SpawnFailure::Setup {
-                            what: "stdio",
-                            errno,
-                        },
-                    });
-                }
-                Ok(child)
-            }
+        // Signals stay blocked until the child has reset every handler: it
+        // shares our memory, so one of our handlers must never run in it.
+        let mut all: libc::sigset_t = unsafe_zeroed();
+        let mut saved: libc::sigset_t = unsafe_zeroed();
+        let mut stack = vec![0u8; CHILD_STACK];
+        // SAFETY: sigfillset/pthread_sigmask on valid sigset_t values.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut saved);
         }
+        let callback = Box::new(|| -> isize {
+            // SAFETY: runs in the vfork-style child; `child` never returns.
+            unsafe { child(&args) }
+        });
+        // SAFETY: CLONE_VM|CLONE_VFORK suspends this thread until the child
+        // execs or exits; the child runs on its own stack and only makes
+        // async-signal-safe system calls.
+        let result = unsafe {
+            nix::sched::clone(
+                callback,
+                &mut stack,
+                nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
+                Some(libc::SIGCHLD),
+            )
+        };
+        // SAFETY: restore the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
+        let child = result.map_err(SpawnFailure::Fork)?;
+        // SAFETY: the child has exec'd or exited; nobody else writes `report`.
+        let [step, errno] = unsafe { std::ptr::read_volatile(report_ptr.cast::<[i32; 2]>()) };
+        if step != 0 {
+            let errno = Errno::from_raw(errno);
+            return Err(match step as u32 {
+                STEP_CWD => SpawnFailure::Cwd {
+                    cwd: self.cwd.to_string_lossy().into_owned(),
+                    errno,
+                },
+                STEP_GROUPS | STEP_GID | STEP_UID => SpawnFailure::Identity {
+                    uid: self.identity.uid,
+                    gid: self.identity.gid,
+                    errno,
+                },
+                STEP_TTY => SpawnFailure::Setup {
+                    what: "controlling terminal",
+                    errno,
+                },
+                _ => SpawnFailure::Setup {
+                    what: "stdio",
+                    errno,
+                },
+            });
+        }
+        Ok(child)
     }
 }
 
-fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
-    let mut got = 0;
-    while got < buf.len() {
-        match nix::unistd::read(fd, &mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(Errno::EINTR) => continue,
-            Err(_) => break,
-        }
-    }
-    got
+/// Stack of the short-lived child between clone and exec.
+const CHILD_STACK: usize = 64 * 1024;
+
+fn unsafe_zeroed() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; all-zero is a valid (empty) set.
+    unsafe { std::mem::zeroed() }
 }
 
 struct ChildArgs<'a> {
@@ -270,35 +275,33 @@ struct ChildArgs<'a> {
     fds: [RawFd; 3],
     ctty: bool,
     cgroup_fd: Option<RawFd>,
-    err_fd: RawFd,
+    report: *mut i32,
     not_found: &'a [u8],
     not_executable: &'a [u8],
 }
 
 /// # Safety
-/// Must only be called in a freshly forked child of a single-threaded parent.
-unsafe fn child(a: ChildArgs<'_>) -> ! {
+/// Must only be called in the vfork-style child created by `spawn`.
+unsafe fn child(a: &ChildArgs<'_>) -> ! {
     // SAFETY: raw system calls on valid pointers prepared by the parent.
     unsafe {
         let fail = |step: u32| -> ! {
             let errno = *libc::__errno_location();
-            let mut msg = [0u8; 8];
-            msg[..4].copy_from_slice(&step.to_ne_bytes());
-            msg[4..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(a.err_fd, msg.as_ptr().cast(), 8);
+            std::ptr::write_volatile(a.report, step as i32);
+            std::ptr::write_volatile(a.report.add(1), errno);
             libc::_exit(126);
         };
 
-        // Default signal dispositions and an empty mask: the agent ignores
-        // SIGPIPE and has handlers the process must not inherit.
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // Default signal dispositions (the agent ignores SIGPIPE and has
+        // handlers the process must not inherit), then an empty mask.
         for sig in 1..libc::SIGRTMIN() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
 
         libc::setsid();
         if let Some(fd) = a.cgroup_fd {
@@ -345,8 +348,6 @@ unsafe fn child(a: ChildArgs<'_>) -> ! {
             }
             None => libc::ENOENT,
         };
-        // Close the error pipe first: the parent treats EOF as "started".
-        libc::close(a.err_fd);
         let (msg, code) = if errno == libc::ENOENT || errno == libc::ENOTDIR {
             (a.not_found, 127)
         } else {

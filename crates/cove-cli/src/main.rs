@@ -1,5 +1,6 @@
 //! `cove`: isolated sandboxes on this machine, in milliseconds.
 
+mod bench;
 mod engine;
 mod paths;
 mod run;
@@ -59,6 +60,8 @@ enum Command {
     /// Manage templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Measure cove's speed side by side with bubblewrap, runc and crun.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -81,6 +84,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Template(cmd) => template::run(cmd),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(ExitCode(code)) => std::process::exit(code),

@@ -1,0 +1,374 @@
+//! `cove bench`: cove's speed, side by side with its peers, in one run.
+//!
+//! Every case is timed the same way (wall clock around the whole
+//! operation, after warm-up runs) so ratios within one run are meaningful
+//! even on a noisy machine. Peers that are not installed or do not work on
+//! this host are reported as skipped, with the reason.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cove_isolate::Layout;
+use cove_protocol::client::AgentClient;
+use cove_protocol::{CommandLine, ProcessSpec};
+use cove_template::TemplateStore;
+
+use crate::engine::{self, SandboxOptions};
+use crate::{ExitCode, Failure, paths};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Measured iterations per case.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub iterations: usize,
+    /// Unmeasured warm-up iterations per case.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Timings of one case.
+#[derive(Debug, serde::Serialize)]
+struct CaseResult {
+    name: String,
+    command: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<String>,
+    samples: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+fn summarize(name: &str, command: &str, mut samples: Vec<Duration>) -> CaseResult {
+    samples.sort();
+    let mean = if samples.is_empty() {
+        f64::NAN
+    } else {
+        samples.iter().map(|d| d.as_secs_f64()).sum::<f64>() / samples.len() as f64 * 1000.0
+    };
+    CaseResult {
+        name: name.into(),
+        command: command.into(),
+        skipped: None,
+        samples: samples.len(),
+        p50_ms: percentile(&samples, 50.0),
+        p90_ms: percentile(&samples, 90.0),
+        p99_ms: percentile(&samples, 99.0),
+        mean_ms: mean,
+    }
+}
+
+fn skipped(name: &str, command: &str, reason: String) -> CaseResult {
+    CaseResult {
+        name: name.into(),
+        command: command.into(),
+        skipped: Some(reason),
+        samples: 0,
+        p50_ms: f64::NAN,
+        p90_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        mean_ms: f64::NAN,
+    }
+}
+
+/// Time `make()` commands: warm up, then measure. Fails on the first
+/// unsuccessful run, with its stderr.
+fn time_commands(
+    args: &BenchArgs,
+    mut make: impl FnMut(usize) -> Command,
+) -> Result<Vec<Duration>, String> {
+    let mut samples = Vec::with_capacity(args.iterations);
+    for i in 0..args.warmup + args.iterations {
+        let mut cmd = make(i);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let start = Instant::now();
+        let out = cmd.output().map_err(|e| format!("cannot start: {e}"))?;
+        let elapsed = start.elapsed();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "failed ({}): {}",
+                out.status,
+                err.lines().last().unwrap_or("").trim()
+            ));
+        }
+        if i >= args.warmup {
+            samples.push(elapsed);
+        }
+    }
+    Ok(samples)
+}
+
+fn command_case(args: &BenchArgs, name: &str, argv: &[&str]) -> CaseResult {
+    let shown = argv.join(" ");
+    match time_commands(args, |_| {
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
+    }) {
+        Ok(samples) => summarize(name, &shown, samples),
+        Err(reason) => skipped(name, &shown, reason),
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// An OCI bundle of the busybox template for runc and crun.
+fn busybox_bundle(dir: &Path) -> Result<PathBuf, String> {
+    let store = TemplateStore::new(paths::default_data_dir().join("templates"));
+    let template = match store.get("busybox") {
+        Ok(t) => t,
+        Err(_) => store
+            .build_busybox(&mut |_, _, _| {})
+            .map_err(|e| e.to_string())?,
+    };
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
+    let runc = which("runc").ok_or("runc is not installed")?;
+    let spec = Command::new(runc)
+        .args(["spec", "--bundle"])
+        .arg(&bundle)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !spec.status.success() {
+        return Err(format!(
+            "runc spec failed: {}",
+            String::from_utf8_lossy(&spec.stderr)
+        ));
+    }
+    let path = bundle.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    let mut config: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    config["process"]["terminal"] = false.into();
+    config["process"]["args"] = serde_json::json!(["/bin/true"]);
+    config["root"]["path"] = template.layers[0].to_string_lossy().into_owned().into();
+    config["root"]["readonly"] = true.into();
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(bundle)
+}
+
+fn oci_runtime_case(
+    args: &BenchArgs,
+    name: &str,
+    runtime: &str,
+    bundle: &Result<PathBuf, String>,
+) -> CaseResult {
+    let shown = format!("{runtime} run --bundle <busybox bundle> ID  (runs /bin/true)");
+    let Some(binary) = which(runtime) else {
+        return skipped(name, &shown, format!("{runtime} is not installed"));
+    };
+    let bundle = match bundle {
+        Ok(b) => b.clone(),
+        Err(e) => return skipped(name, &shown, e.clone()),
+    };
+    let pid = std::process::id();
+    match time_commands(args, |i| {
+        let mut cmd = Command::new(&binary);
+        cmd.args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(format!("cove-bench-{pid}-{i}"));
+        cmd
+    }) {
+        Ok(samples) => summarize(name, &shown, samples),
+        Err(reason) => skipped(name, &shown, reason),
+    }
+}
+
+/// Exec latency of `true` in one running sandbox, over the agent protocol.
+fn exec_in_running_sandbox(args: &BenchArgs) -> CaseResult {
+    let shown = "agent protocol: spawn `true`, wait for its exit (sandbox already running)";
+    let name = "exec `true` in a running sandbox";
+    let result = (|| -> Result<Vec<Duration>, String> {
+        let store = TemplateStore::new(paths::default_data_dir().join("templates"));
+        let template = store
+            .get(cove_template::DEFAULT_TEMPLATE)
+            .map_err(|e| e.to_string())?;
+        let id = engine::new_id();
+        let root = paths::default_runtime_dir().join("bench");
+        let mut config = engine::sandbox_config(&id, &template, &SandboxOptions::default(), &root);
+        config.die_with_parent = true;
+        // Single-threaded here, as `create` requires.
+        let mut sandbox =
+            cove_isolate::create(&config, &Layout::detect()).map_err(|e| e.to_string())?;
+        let connection = sandbox.take_connection().ok_or("no agent connection")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let samples = runtime.block_on(async {
+            let stream = std::os::unix::net::UnixStream::from(connection);
+            stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
+            let client = AgentClient::connect(stream, "cove-bench")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut samples = Vec::new();
+            for i in 0..args.warmup + args.iterations {
+                let spec = ProcessSpec::new(CommandLine::Argv(vec!["true".into()]));
+                let start = Instant::now();
+                let out = client.output(spec, None).await.map_err(|e| e.to_string())?;
+                let elapsed = start.elapsed();
+                if out.status.code != Some(0) {
+                    return Err(format!("true exited with {:?}", out.status));
+                }
+                if i >= args.warmup {
+                    samples.push(elapsed);
+                }
+            }
+            Ok(samples)
+        });
+        drop(runtime);
+        let _ = sandbox.destroy();
+        samples
+    })();
+    match result {
+        Ok(samples) => summarize(name, shown, samples),
+        Err(reason) => skipped(name, shown, reason),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024 / 1024)
+        .unwrap_or(0);
+    format!(
+        "{cpu}, {cores} cores, {mem_gib} GiB, Linux {kernel}, cgroups {}",
+        Layout::detect().describe()
+    )
+}
+
+pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
+    if !paths::is_root() {
+        return Err(Failure::new(
+            "cove bench needs root (it creates sandboxes and runs runc)",
+        ));
+    }
+    let me = std::env::current_exe()
+        .map_err(|e| Failure::new(format!("cannot find the cove binary: {e}")))?;
+    let me = me.to_string_lossy().into_owned();
+    let scratch = tempfile_dir().map_err(Failure::new)?;
+    let mut results = Vec::new();
+    // In-process sandbox first: `create` needs a single-threaded process.
+    results.push(exec_in_running_sandbox(&args));
+    results.push(command_case(
+        &args,
+        "cove run -- true",
+        &[me.as_str(), "run", "--", "true"],
+    ));
+    if which("bwrap").is_some() {
+        results.push(command_case(
+            &args,
+            "bwrap",
+            &[
+                "bwrap",
+                "--unshare-all",
+                "--die-with-parent",
+                "--ro-bind",
+                "/",
+                "/",
+                "true",
+            ],
+        ));
+    } else {
+        results.push(skipped(
+            "bwrap",
+            "bwrap --unshare-all ...",
+            "bwrap is not installed".into(),
+        ));
+    }
+    let bundle = busybox_bundle(&scratch);
+    results.push(oci_runtime_case(&args, "runc run", "runc", &bundle));
+    results.push(oci_runtime_case(&args, "crun run", "crun", &bundle));
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    if args.json {
+        let doc = serde_json::json!({ "machine": machine(), "iterations": args.iterations, "results": results });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| Failure::new(e.to_string()))?
+        );
+        return Ok(ExitCode(0));
+    }
+    let bwrap = results
+        .iter()
+        .find(|r| r.name == "bwrap" && r.skipped.is_none())
+        .map(|r| r.p50_ms);
+    println!("machine: {}", machine());
+    println!(
+        "iterations: {} (after {} warm-up)\n",
+        args.iterations, args.warmup
+    );
+    println!("| case | p50 ms | p90 ms | p99 ms | mean ms | p50 vs bwrap |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &results {
+        match &r.skipped {
+            Some(reason) => println!(
+                "| {} | skipped: {} | | | | |",
+                r.name,
+                reason.replace('|', "/")
+            ),
+            None => {
+                let ratio = bwrap
+                    .map(|b| format!("{:.2}x", r.p50_ms / b))
+                    .unwrap_or_default();
+                println!(
+                    "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                    r.name, r.p50_ms, r.p90_ms, r.p99_ms, r.mean_ms, ratio
+                );
+            }
+        }
+    }
+    Ok(ExitCode(0))
+}
+
+fn tempfile_dir() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("cove-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
