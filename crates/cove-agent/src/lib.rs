@@ -323,6 +323,18 @@ impl Agent {
                     proc.add_credit(bytes);
                 }
             }
+            HostMessage::Kill { pid } => match self.proc(pid) {
+                Some(proc) => self.kill_tree(&proc),
+                None => {
+                    let message = format!("no process {pid}");
+                    let _ = tx
+                        .send(AgentMessage::Error {
+                            pid: Some(pid),
+                            message,
+                        })
+                        .await;
+                }
+            },
             HostMessage::Ping { nonce } => {
                 let _ = tx.send(AgentMessage::Pong { nonce }).await;
             }

@@ -457,7 +457,7 @@ impl Agent {
     }
 
     /// SIGKILL the process group, then every member of the process's cgroup.
-    fn kill_tree(&self, proc: &Proc) {
+    pub(crate) fn kill_tree(&self, proc: &Proc) {
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(proc.pgid()),
             nix::sys::signal::Signal::SIGKILL,

@@ -14,8 +14,8 @@ use cove_protocol::client::AgentClient;
 use cove_protocol::{CommandLine, ProcessSpec};
 use cove_template::TemplateStore;
 
-use crate::engine::{self, SandboxOptions};
 use crate::{ExitCode, Failure, paths};
+use cove_server::engine::{self, SandboxOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -210,7 +210,15 @@ fn exec_in_running_sandbox(args: &BenchArgs) -> CaseResult {
             .map_err(|e| e.to_string())?;
         let id = engine::new_id();
         let root = paths::default_runtime_dir().join("bench");
-        let mut config = engine::sandbox_config(&id, &template, &SandboxOptions::default(), &root);
+        let mut config = engine::sandbox_config(
+            &id,
+            &template,
+            &SandboxOptions {
+                cgroup_parent: paths::cgroup_parent(),
+                ..SandboxOptions::default()
+            },
+            &root,
+        );
         config.die_with_parent = true;
         // Single-threaded here, as `create` requires.
         let mut sandbox =

@@ -1,14 +1,15 @@
 //! `cove`: isolated sandboxes on this machine, in milliseconds.
 
 mod bench;
-mod engine;
-mod paths;
+mod remote;
 mod run;
+mod serve;
 mod template;
 mod tty;
-mod units;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+pub(crate) use cove_client::paths;
 
 /// Exit status of the cove process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,10 @@ impl Failure {
             code: 125,
         }
     }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -44,11 +49,15 @@ impl Failure {
     version,
     about = "Isolated sandboxes on this machine, in milliseconds",
     long_about = "cove creates isolated sandboxes (namespaces, overlay root, cgroup limits, seccomp) \
-                  and runs commands in them.\n\nExit codes of `cove run`: the command's own code; \
-                  128+N if it was killed by signal N; 124 if it timed out; 125 if cove itself failed.",
-    after_help = "Examples:\n  cove run -- uname -a\n  cove run --memory 256M --timeout 10s --shell 'echo $HOME; ls | wc -l'\n  cove template build busybox && cove run --template busybox -- sh -c 'ls /bin | wc -l'"
+                  and runs commands in them, embedded (`cove run`) or through a daemon (`cove serve`).\n\n\
+                  Exit codes of `cove run` and `cove exec`: the command's own code; 128+N if it was \
+                  killed by signal N; 124 if it timed out; 125 if cove itself failed.",
+    after_help = "Examples:\n  cove run -- uname -a\n  cove run --memory 256M --timeout 10s --shell 'echo $HOME; ls | wc -l'\n  \
+                  cove serve &\n  id=$(cove create) && cove exec $id -- uname -a && cove rm $id"
 )]
 struct Cli {
+    #[command(flatten)]
+    remote: remote::Remote,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,20 +66,75 @@ struct Cli {
 enum Command {
     /// Run one command in a new sandbox, then destroy it (no daemon needed).
     Run(run::RunArgs),
+    /// Run the daemon: the HTTP API on 127.0.0.1:7411.
+    Serve(serve::ServeArgs),
+    /// Create a sandbox through the daemon and print its ID.
+    Create(remote::CreateArgs),
+    /// List sandboxes.
+    #[command(alias = "ps")]
+    Ls {
+        /// Include stopped and failed sandboxes.
+        #[arg(short, long)]
+        all: bool,
+        /// Only sandboxes in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only sandboxes with this label, KEY=VALUE (repeatable).
+        #[arg(short, long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+    },
+    /// Show a sandbox as JSON.
+    Inspect { id: String },
+    /// Run a command in a sandbox; exits with the command's exit code.
+    Exec(remote::ExecArgs),
+    /// Destroy sandboxes.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Freeze sandboxes (memory is kept).
+    Pause {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Thaw paused sandboxes.
+    Resume {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Manage API keys (needs an admin key).
+    #[command(subcommand)]
+    Keys(remote::KeysCommand),
     /// Manage templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
     /// Measure cove's speed side by side with bubblewrap, runc and crun.
     Bench(bench::BenchArgs),
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Print the daemon's OpenAPI document.
+    Openapi,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn main() {
+    // The daemon's sandbox helper must stay single-threaded: dispatch it
+    // before anything else runs.
+    if std::env::args().nth(1).as_deref() == Some("__create-sandbox") {
+        std::process::exit(cove_server::helper_main());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COVE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,cove_server=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -81,10 +145,28 @@ fn main() {
             std::process::exit(code);
         }
     };
+    let remote = &cli.remote;
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Create(args) => remote::create(remote, args),
+        Command::Ls { all, state, labels } => remote::ls(remote, all, state, labels),
+        Command::Inspect { id } => remote::inspect(remote, &id),
+        Command::Exec(args) => remote::exec(remote, args),
+        Command::Rm { ids } => remote::rm(remote, &ids),
+        Command::Pause { ids } => remote::pause(remote, &ids, false),
+        Command::Resume { ids } => remote::pause(remote, &ids, true),
+        Command::Keys(cmd) => remote::keys(remote, cmd),
         Command::Template(cmd) => template::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "cove", &mut std::io::stdout());
+            Ok(ExitCode(0))
+        }
+        Command::Openapi => {
+            print!("{}", cove_server::api::openapi_json());
+            Ok(ExitCode(0))
+        }
     };
     match result {
         Ok(ExitCode(code)) => std::process::exit(code),

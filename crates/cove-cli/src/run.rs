@@ -12,8 +12,10 @@ use cove_protocol::{CommandLine, ProcessSpec, PtySize, Stream};
 use cove_template::TemplateStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::engine::{self, SandboxOptions};
-use crate::{ExitCode, Failure, paths, tty, units};
+use cove_api::units;
+use cove_server::engine::{self, SandboxOptions};
+
+use crate::{ExitCode, Failure, paths, tty};
 
 /// `cove run` arguments.
 #[derive(Debug, clap::Args)]
@@ -105,6 +107,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         env: args.env.clone(),
         cwd: None,
         user: None,
+        cgroup_parent: paths::cgroup_parent(),
     };
 
     let root = state_root();

@@ -518,6 +518,11 @@ impl Sandbox {
         })
     }
 
+    /// The pidfd of the sandbox's agent: readable once it has exited.
+    pub fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+
     /// Whether the sandbox's agent is still running.
     pub fn is_alive(&self) -> bool {
         !namespaces::pidfd_wait_exit(&self.pidfd, 0)
@@ -546,6 +551,9 @@ impl Sandbox {
             {}
         } else {
             namespaces::pidfd_wait_exit(&self.pidfd, 10_000);
+            // A daemon that is a child subreaper inherits orphaned agents:
+            // reap ours if it is (ECHILD otherwise, which is fine).
+            namespaces::pidfd_reap(&self.pidfd);
         }
         let removed = self.cgroup.remove(Duration::from_secs(5));
         let _ = fs::remove_dir_all(&self.state_dir);

@@ -89,3 +89,18 @@ pub fn pidfd_wait_exit(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
         }
     }
 }
+
+/// Reap the process behind `pidfd` if it is an exited child of ours.
+pub fn pidfd_reap(pidfd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: waitid(P_PIDFD) writes one siginfo_t into valid memory.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        );
+    }
+}

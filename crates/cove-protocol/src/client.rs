@@ -212,6 +212,16 @@ impl AgentClient {
         self.send(HostMessage::Signal { pid, signal, group }).await
     }
 
+    /// Kill a process and everything it started.
+    pub async fn kill(&self, pid: u32) -> Result<(), ClientError> {
+        self.send(HostMessage::Kill { pid }).await
+    }
+
+    /// Kill without waiting for room in the outgoing queue (for `Drop`).
+    pub fn kill_now(&self, pid: u32) {
+        let _ = self.outbound.try_send(HostMessage::Kill { pid });
+    }
+
     /// Resize the terminal of a PTY process.
     pub async fn resize(&self, pid: u32, rows: u16, cols: u16) -> Result<(), ClientError> {
         self.send(HostMessage::Resize { pid, rows, cols }).await

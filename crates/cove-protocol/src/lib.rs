@@ -84,6 +84,11 @@ pub enum HostMessage {
     Ping {
         nonce: u64,
     },
+    /// Kill the process and everything it started (its process group and
+    /// its cgroup), as a timeout does.
+    Kill {
+        pid: u32,
+    },
 }
 
 /// Messages the agent sends to the host. Same ordering rule as [`HostMessage`].

@@ -11,14 +11,32 @@ use rand::Rng;
 pub const DEFAULT_DISK: u64 = 1 << 30;
 
 /// What a user may choose about a new sandbox.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SandboxOptions {
     pub limits: Limits,
     pub disk: Option<u64>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
     pub user: Option<String>,
+    /// The cgroup directory sandboxes are created under.
+    pub cgroup_parent: String,
 }
+
+impl Default for SandboxOptions {
+    fn default() -> SandboxOptions {
+        SandboxOptions {
+            limits: Limits::default(),
+            disk: None,
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
+        }
+    }
+}
+
+/// The cgroup directory sandboxes live under unless configured otherwise.
+pub const DEFAULT_CGROUP_PARENT: &str = "cove";
 
 /// `sbx-` and 8 random lowercase letters or digits.
 pub fn new_id() -> String {
@@ -94,7 +112,7 @@ pub fn sandbox_config(
         },
         limits: options.limits.clone(),
         state_dir: state_root.join(id),
-        cgroup_parent: crate::paths::cgroup_parent(),
+        cgroup_parent: options.cgroup_parent.clone(),
         agent: AgentSettings {
             env,
             cwd,

@@ -52,3 +52,10 @@ pub fn cgroup_parent() -> String {
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "cove".into())
 }
+
+/// The local admin key written by `cove serve`, if this user can read it.
+pub fn local_admin_key() -> Option<String> {
+    let text = std::fs::read_to_string(default_data_dir().join("admin.key")).ok()?;
+    let key = text.trim();
+    (!key.is_empty()).then(|| key.to_string())
+}

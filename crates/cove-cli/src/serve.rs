@@ -1,0 +1,93 @@
+//! `cove serve`: run the daemon in the foreground.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use cove_server::{ConfigFile, ServeConfig};
+
+use crate::{ExitCode, Failure};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7411].
+    #[arg(long, env = "COVE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where the database, keys and templates live [default: /var/lib/cove as root].
+    #[arg(long, env = "COVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where per-sandbox state lives [default: /run/cove as root].
+    #[arg(long, env = "COVE_RUNTIME_DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// The cgroup directory sandboxes go under [default: cove].
+    #[arg(long, env = "COVE_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
+    /// A TOML file with any of: listen, data_dir, runtime_dir, cgroup_parent.
+    #[arg(long, env = "COVE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
+    if !cove_client::paths::is_root() {
+        return Err(Failure::new(
+            "cove serve needs root to create namespaces and cgroups (try sudo)",
+        ));
+    }
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path).map_err(|e| Failure::new(e.to_string()))?,
+        None => ConfigFile::default(),
+    };
+    let helper = std::env::current_exe()
+        .map_err(|e| Failure::new(format!("cannot find the cove binary: {e}")))?;
+    let config = ServeConfig {
+        listen: args.listen.or(file.listen).unwrap_or_else(|| {
+            cove_api::DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7411)))
+        }),
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(cove_client::paths::default_data_dir),
+        runtime_dir: args
+            .runtime_dir
+            .or(file.runtime_dir)
+            .unwrap_or_else(cove_client::paths::default_runtime_dir),
+        cgroup_parent: args
+            .cgroup_parent
+            .or(file.cgroup_parent)
+            .unwrap_or_else(|| "cove".into()),
+        helper,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cove-serve")
+        .build()
+        .map_err(|e| Failure::new(format!("cannot start the runtime: {e}")))?;
+    runtime
+        .block_on(async {
+            let server = cove_server::Server::bind(config).await?;
+            let addr = server.local_addr()?;
+            // The one line a person (or a test) needs: where to connect.
+            println!("cove: serving on http://{addr}");
+            server.run(shutdown_signal()).await
+        })
+        .map_err(|e| Failure::new(e.to_string()))?;
+    Ok(ExitCode(0))
+}
+
+/// SIGTERM or SIGINT: stop accepting, finish in-flight requests, leave
+/// sandboxes running.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

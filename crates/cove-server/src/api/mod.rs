@@ -1,0 +1,205 @@
+//! The native HTTP API (`/v1/...`), its OpenAPI document, and the
+//! middleware every request passes: request IDs, tracing, body limit,
+//! metrics, and JSON errors for unknown routes and methods.
+
+pub mod extract;
+mod keys;
+mod sandboxes;
+mod system;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use cove_api::ErrorCode;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::auth::Keys;
+use crate::error::ApiError;
+use crate::manager::Manager;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Manager,
+    pub keys: Keys,
+    pub data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default limit of a JSON request body.
+pub const MAX_BODY: usize = 64 << 20;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "cove",
+        description = "Isolated sandboxes on your own machine. Every error is \
+            `{\"error\": {\"code\", \"message\"}}`; authenticate with `Authorization: Bearer <key>` \
+            or `X-API-Key: <key>`.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        sandboxes::create,
+        sandboxes::list,
+        sandboxes::get,
+        sandboxes::delete,
+        sandboxes::pause,
+        sandboxes::resume,
+        sandboxes::set_timeout,
+        sandboxes::wait,
+        sandboxes::exec,
+        keys::create,
+        keys::list,
+        keys::revoke,
+        system::templates,
+        system::healthz,
+        system::metrics,
+    ),
+    components(schemas(cove_api::ErrorBody, cove_api::ErrorCode, cove_api::Scope)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "sandboxes", description = "Create, list, pause, resume and delete sandboxes"),
+        (name = "exec", description = "Run commands in sandboxes"),
+        (name = "keys", description = "API keys (admin)"),
+        (name = "system", description = "Health, metrics and templates"),
+    )
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}
+
+/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default() + "\n"
+}
+
+#[derive(Clone, Default)]
+struct RequestIds {
+    next: Arc<std::sync::atomic::AtomicU64>,
+    prefix: String,
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n:06}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// Count requests and errors (by the code handlers attach to responses).
+async fn count(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let metrics = state.manager.metrics().clone();
+    metrics.requests.inc();
+    let response = next.run(req).await;
+    if let Some(code) = response.extensions().get::<ErrorCode>() {
+        metrics
+            .errors
+            .get_or_create(&vec![("code".into(), code.as_str().into())])
+            .inc();
+    }
+    response
+}
+
+async fn no_route() -> Response {
+    ApiError::new(
+        ErrorCode::NoRoute,
+        "no such endpoint; see /openapi.json for the API",
+    )
+    .into_response()
+}
+
+async fn wrong_method() -> Response {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not accept that method",
+    )
+    .into_response()
+}
+
+/// Routes of the native API, without state.
+pub fn native_routes() -> Router<AppState> {
+    use axum::routing::{delete, get, post};
+    Router::new()
+        .route(
+            "/v1/sandboxes",
+            post(sandboxes::create).get(sandboxes::list),
+        )
+        .route(
+            "/v1/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::delete),
+        )
+        .route("/v1/sandboxes/{id}/pause", post(sandboxes::pause))
+        .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
+        .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
+        .route("/v1/sandboxes/{id}/wait", get(sandboxes::wait))
+        .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route("/v1/keys", post(keys::create).get(keys::list))
+        .route("/v1/keys/{id}", delete(keys::revoke))
+        .route("/v1/templates", get(system::templates))
+        .route("/healthz", get(system::healthz))
+        .route("/metrics", get(system::metrics))
+        .route("/openapi.json", get(system::openapi))
+}
+
+/// The whole application: native routes plus `extra` (the dialects).
+pub fn app(state: AppState, extra: Router<AppState>) -> Router {
+    let ids = RequestIds {
+        next: Arc::default(),
+        prefix: format!("{:08x}", rand::random::<u32>()),
+    };
+    native_routes()
+        .merge(extra)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(ids))
+        .with_state(state)
+}

@@ -1,0 +1,76 @@
+//! Backends: where sandboxes physically live. Everything a backend must do
+//! is in [`Backend`] and [`Instance`]; exec, streaming, PTYs and files go
+//! through the agent connection an instance hands back, so they are written
+//! once and work on every backend.
+
+pub mod namespace;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cove_template::Template;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::engine::SandboxOptions;
+
+/// A byte stream to a sandbox's agent.
+pub trait AgentIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentIo for T {}
+pub type AgentStream = Box<dyn AgentIo>;
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub template: Template,
+    pub options: SandboxOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request cannot work on this host or backend (a 4xx).
+    #[error("{0}")]
+    Invalid(String),
+    /// Creating or running the sandbox failed (a 5xx).
+    #[error("{0}")]
+    Failed(String),
+    /// The agent cannot be reached.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// A kind of sandbox (namespaces, microVMs).
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Create a sandbox and start its agent.
+    async fn create(&self, spec: SandboxSpec) -> Result<Arc<dyn Instance>, BackendError>;
+    /// Find a sandbox again after a daemon restart, from its record.
+    async fn reattach(
+        &self,
+        id: &str,
+        record: serde_json::Value,
+    ) -> Result<Arc<dyn Instance>, BackendError>;
+    /// Remove whatever a dead or half-created sandbox left on the host.
+    async fn clean_up(&self, id: &str, record: Option<serde_json::Value>);
+    /// IDs of sandboxes this backend has state for on the host (to find
+    /// orphans the database does not know).
+    fn known_ids(&self) -> Vec<String>;
+}
+
+/// One sandbox of a backend.
+#[async_trait]
+pub trait Instance: Send + Sync + 'static {
+    /// What [`Backend::reattach`] needs, as JSON.
+    fn record(&self) -> serde_json::Value;
+    /// A new connection to the agent.
+    async fn connect(&self) -> Result<AgentStream, BackendError>;
+    async fn pause(&self) -> Result<(), BackendError>;
+    async fn resume(&self) -> Result<(), BackendError>;
+    /// Kill everything and remove what the sandbox left on the host.
+    async fn destroy(&self) -> Result<(), BackendError>;
+    /// Resolves when the sandbox ends without being destroyed, with why.
+    async fn exited(&self) -> String;
+    /// Memory in use, in bytes.
+    fn memory_usage(&self) -> Option<u64>;
+}

@@ -1,0 +1,289 @@
+//! The namespace backend, driven from the daemon.
+//!
+//! `cove_isolate::create` forks the calling process, which must then be
+//! single-threaded; the daemon is not. So the daemon runs a short-lived
+//! helper (`cove __create-sandbox`, the same binary) that reads the
+//! sandbox's configuration on stdin, creates it, prints its record, and
+//! exits. The agent it leaves behind listens on `<state>/agent.sock` and is
+//! not tied to the daemon: it outlives daemon restarts. The daemon is a
+//! child subreaper, so orphaned agents become its children and are reaped.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use cove_isolate::{Layout, Sandbox, SandboxConfig, SandboxRecord};
+use tokio::io::AsyncWriteExt;
+use tokio::io::unix::AsyncFd;
+
+use super::{AgentStream, Backend, BackendError, Instance, SandboxSpec};
+use crate::engine;
+
+/// Run the namespace backend's helper: read a [`SandboxConfig`] as JSON on
+/// stdin, create the sandbox, print `{"record": …}` or `{"error": "…"}`.
+/// Called from `main` before any thread exists.
+pub fn helper_main() -> i32 {
+    let mut input = Vec::new();
+    if let Err(err) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut input) {
+        println!(
+            "{}",
+            serde_json::json!({ "error": format!("reading the configuration: {err}") })
+        );
+        return 1;
+    }
+    let config: SandboxConfig = match serde_json::from_slice(&input) {
+        Ok(c) => c,
+        Err(err) => {
+            println!(
+                "{}",
+                serde_json::json!({ "error": format!("bad configuration: {err}") })
+            );
+            return 1;
+        }
+    };
+    match cove_isolate::create(&config, &Layout::detect()) {
+        Ok(sandbox) => {
+            println!("{}", serde_json::json!({ "record": sandbox.record() }));
+            0
+        }
+        Err(err) => {
+            println!("{}", serde_json::json!({ "error": err.to_string() }));
+            1
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct NamespaceBackend {
+    /// Where sandboxes' state directories go.
+    state_root: PathBuf,
+    /// The cove binary, run as `cove __create-sandbox`.
+    helper: PathBuf,
+}
+
+impl NamespaceBackend {
+    pub fn new(state_root: PathBuf, helper: PathBuf) -> NamespaceBackend {
+        NamespaceBackend { state_root, helper }
+    }
+
+    fn instance(&self, record: SandboxRecord) -> Result<Arc<dyn Instance>, BackendError> {
+        let sandbox =
+            Sandbox::reattach(record.clone()).map_err(|e| BackendError::Failed(e.to_string()))?;
+        let pidfd = sandbox
+            .pidfd()
+            .try_clone()
+            .map_err(|e| BackendError::Failed(format!("pidfd: {e}")))?;
+        // SAFETY: the OwnedFd stays open, and is the same description, for
+        // as long as the AsyncFd owns it.
+        let exit = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+            .map_err(|e| {
+                BackendError::Failed(format!("watching the agent: {}", e.into_parts().1))
+            })?;
+        Ok(Arc::new(NamespaceInstance {
+            record,
+            sandbox: Mutex::new(Some(sandbox)),
+            exit,
+        }))
+    }
+}
+
+#[async_trait]
+impl Backend for NamespaceBackend {
+    fn name(&self) -> &'static str {
+        "namespace"
+    }
+
+    async fn create(&self, spec: SandboxSpec) -> Result<Arc<dyn Instance>, BackendError> {
+        let mut config =
+            engine::sandbox_config(&spec.id, &spec.template, &spec.options, &self.state_root);
+        config.listen = true;
+        config.agent_log = Some(config.state_dir.join("agent.log"));
+        let input = serde_json::to_vec(&config).map_err(|e| BackendError::Failed(e.to_string()))?;
+        let mut child = tokio::process::Command::new(&self.helper)
+            .arg("__create-sandbox")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                BackendError::Failed(format!("cannot run {}: {e}", self.helper.display()))
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&input)
+                .await
+                .map_err(|e| BackendError::Failed(format!("helper stdin: {e}")))?;
+        }
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|e| BackendError::Failed(format!("helper: {e}")))?;
+        let reply: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|_| {
+            BackendError::Failed(format!(
+                "the sandbox helper failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        })?;
+        if let Some(error) = reply.get("error").and_then(|e| e.as_str()) {
+            return Err(classify(error));
+        }
+        let record: SandboxRecord = reply
+            .get("record")
+            .cloned()
+            .ok_or_else(|| BackendError::Failed("the sandbox helper printed no record".into()))
+            .and_then(|r| {
+                serde_json::from_value(r).map_err(|e| BackendError::Failed(e.to_string()))
+            })?;
+        match self.instance(record.clone()) {
+            Ok(instance) => Ok(instance),
+            Err(err) => {
+                let _ = record.clean_up();
+                Err(err)
+            }
+        }
+    }
+
+    async fn reattach(
+        &self,
+        _id: &str,
+        record: serde_json::Value,
+    ) -> Result<Arc<dyn Instance>, BackendError> {
+        let record: SandboxRecord = serde_json::from_value(record)
+            .map_err(|e| BackendError::Failed(format!("bad record: {e}")))?;
+        self.instance(record)
+    }
+
+    async fn clean_up(&self, id: &str, record: Option<serde_json::Value>) {
+        let record = record
+            .and_then(|r| serde_json::from_value::<SandboxRecord>(r).ok())
+            .or_else(|| SandboxRecord::load(&self.state_root.join(id)));
+        let Some(record) = record else {
+            let _ = std::fs::remove_dir_all(self.state_root.join(id));
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || match Sandbox::reattach(record.clone()) {
+            Ok(sandbox) => sandbox.destroy(),
+            Err(_) => record.clean_up(),
+        })
+        .await;
+    }
+
+    fn known_ids(&self) -> Vec<String> {
+        std::fs::read_dir(&self.state_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("sbx-"))
+            .collect()
+    }
+}
+
+/// Setup errors that are the request's fault become 4xx.
+fn classify(error: &str) -> BackendError {
+    if error.contains("cannot be enforced") || error.contains("must be") {
+        BackendError::Invalid(error.to_string())
+    } else {
+        BackendError::Failed(error.to_string())
+    }
+}
+
+struct NamespaceInstance {
+    record: SandboxRecord,
+    sandbox: Mutex<Option<Sandbox>>,
+    exit: AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl NamespaceInstance {
+    fn with<R>(&self, f: impl FnOnce(&Sandbox) -> R) -> Option<R> {
+        self.sandbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(f)
+    }
+}
+
+#[async_trait]
+impl Instance for NamespaceInstance {
+    fn record(&self) -> serde_json::Value {
+        serde_json::to_value(&self.record).unwrap_or_default()
+    }
+
+    async fn connect(&self) -> Result<AgentStream, BackendError> {
+        let path = cove_isolate::socket_path(&self.record.state_dir);
+        let stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+            BackendError::Unreachable(format!(
+                "cannot connect to the agent at {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Box::new(stream))
+    }
+
+    async fn pause(&self) -> Result<(), BackendError> {
+        let cgroup = self.record.cgroup.clone();
+        tokio::task::spawn_blocking(move || cgroup.set_frozen(true))
+            .await
+            .map_err(|e| BackendError::Failed(e.to_string()))?
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    async fn resume(&self) -> Result<(), BackendError> {
+        let cgroup = self.record.cgroup.clone();
+        tokio::task::spawn_blocking(move || cgroup.set_frozen(false))
+            .await
+            .map_err(|e| BackendError::Failed(e.to_string()))?
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    async fn destroy(&self) -> Result<(), BackendError> {
+        let sandbox = self
+            .sandbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let record = self.record.clone();
+        tokio::task::spawn_blocking(move || match sandbox {
+            Some(sandbox) => sandbox.destroy(),
+            None => record.clean_up(),
+        })
+        .await
+        .map_err(|e| BackendError::Failed(e.to_string()))?
+        .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    async fn exited(&self) -> String {
+        loop {
+            match self.exit.readable().await {
+                Ok(mut guard) => {
+                    guard.retain_ready();
+                    break;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+        let log =
+            std::fs::read_to_string(self.record.state_dir.join("agent.log")).unwrap_or_default();
+        let tail = log
+            .lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("; ");
+        if tail.is_empty() {
+            "the sandbox's agent exited unexpectedly".into()
+        } else {
+            format!("the sandbox's agent exited unexpectedly: {tail}")
+        }
+    }
+
+    fn memory_usage(&self) -> Option<u64> {
+        self.with(|s| s.cgroup.memory_usage()).flatten()
+    }
+}

@@ -1,0 +1,1036 @@
+//! The sandbox manager: the one owner of every sandbox's state.
+//!
+//! ```text
+//!   create ──▶ starting ──▶ running ◀────▶ paused
+//!                 │           │  │   pause/resume (freezer)
+//!                 ▼           │  └──(delete / TTL expired)──▶ stopping ──▶ stopped
+//!               failed ◀──────┘ (agent lost)
+//! ```
+//!
+//! Routes never touch the store or a backend: they call the manager. Each
+//! transition is written to SQLite before it is acted on (`stopping` before
+//! the kill, `paused` before the freeze), and transitions of one sandbox
+//! are serialized by its operation lock, so a delete waits for a create in
+//! progress and a pause never races a resume. The TTL is enforced here by
+//! the reaper task, never by clients. After a restart, [`Manager::recover`]
+//! reattaches running sandboxes and marks the ones whose agent died as
+//! failed, with the reason.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use cove_api::{
+    CreateSandboxRequest, ErrorCode, Limits as ApiLimits, Sandbox, SandboxList, SandboxState,
+    TemplateInfo,
+};
+use cove_protocol::client::AgentClient;
+use cove_template::TemplateStore;
+use tokio::sync::{Notify, watch};
+
+use crate::auth::Principal;
+use crate::backend::{Backend, BackendError, Instance, SandboxSpec};
+use crate::engine::{self, SandboxOptions};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{SandboxRow, Store, StoreError, now_ms};
+
+/// How long ended sandboxes stay listed.
+const RETENTION_MS: i64 = 60 * 60 * 1000;
+/// How long an exec waits for a starting sandbox.
+const START_WAIT: Duration = Duration::from_secs(60);
+
+/// Settings of the manager.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub cgroup_parent: String,
+    pub default_backend: String,
+}
+
+/// One live sandbox.
+pub struct Entry {
+    pub id: String,
+    pub owner: String,
+    view: Mutex<Sandbox>,
+    expires_at: Mutex<Option<i64>>,
+    state: watch::Sender<SandboxState>,
+    op: Arc<tokio::sync::Mutex<()>>,
+    created_ms: i64,
+    instance: Mutex<Option<Arc<dyn Instance>>>,
+    agent: Mutex<Option<AgentClient>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Entry {
+    pub fn state(&self) -> SandboxState {
+        *self.state.borrow()
+    }
+
+    pub fn view(&self) -> Sandbox {
+        let mut view = lock(&self.view).clone();
+        view.state = self.state();
+        view.expires_at = lock(&self.expires_at).map(|t| cove_api::rfc3339_millis(t as u64));
+        view
+    }
+
+    fn set(&self, state: SandboxState, reason: Option<String>) {
+        {
+            let mut view = lock(&self.view);
+            view.state = state;
+            if reason.is_some() {
+                view.reason = reason;
+            }
+            let now = cove_api::rfc3339_millis(now_ms() as u64);
+            match state {
+                SandboxState::Running if view.started_at.is_none() => view.started_at = Some(now),
+                SandboxState::Stopped | SandboxState::Failed => view.stopped_at = Some(now),
+                _ => {}
+            }
+        }
+        self.state.send_replace(state);
+    }
+
+    pub fn instance(&self) -> Option<Arc<dyn Instance>> {
+        lock(&self.instance).clone()
+    }
+
+    /// The agent connection, if one is open and alive.
+    fn agent(&self) -> Option<AgentClient> {
+        lock(&self.agent).clone().filter(|c| c.closed().is_none())
+    }
+}
+
+/// The manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    templates: TemplateStore,
+    backends: BTreeMap<String, Arc<dyn Backend>>,
+    config: ManagerConfig,
+    live: RwLock<HashMap<String, Arc<Entry>>>,
+    metrics: Arc<Metrics>,
+    reaper: Notify,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> ApiError {
+        match err {
+            StoreError::DiskFull => ApiError::new(ErrorCode::InsufficientStorage, err.to_string()),
+            other => ApiError::new(ErrorCode::Internal, other.to_string()),
+        }
+    }
+}
+
+fn backend_error(err: BackendError) -> ApiError {
+    match err {
+        BackendError::Invalid(msg) => ApiError::new(ErrorCode::InvalidRequest, msg),
+        BackendError::Failed(msg) => ApiError::new(ErrorCode::Internal, msg),
+        BackendError::Unreachable(msg) => ApiError::new(ErrorCode::AgentUnreachable, msg),
+    }
+}
+
+fn parse_state(s: &str) -> SandboxState {
+    SandboxState::parse(s).unwrap_or(SandboxState::Failed)
+}
+
+/// The stored spec of a sandbox: what is needed to describe it again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredSpec {
+    cwd: String,
+    user: Option<String>,
+    limits: ApiLimits,
+}
+
+fn view_from_row(row: &SandboxRow) -> Sandbox {
+    let spec: Option<StoredSpec> = serde_json::from_str(&row.spec).ok();
+    Sandbox {
+        id: row.id.clone(),
+        state: parse_state(&row.state),
+        reason: row.reason.clone(),
+        template: row.template.clone(),
+        backend: row.backend.clone(),
+        cwd: spec
+            .as_ref()
+            .map(|s| s.cwd.clone())
+            .unwrap_or_else(|| "/workspace".into()),
+        user: spec.as_ref().and_then(|s| s.user.clone()),
+        limits: spec.map(|s| s.limits).unwrap_or_default(),
+        labels: serde_json::from_str(&row.labels).unwrap_or_default(),
+        metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
+        created_at: cove_api::rfc3339_millis(row.created_at as u64),
+        started_at: row.started_at.map(|t| cove_api::rfc3339_millis(t as u64)),
+        expires_at: row.expires_at.map(|t| cove_api::rfc3339_millis(t as u64)),
+        stopped_at: row.stopped_at.map(|t| cove_api::rfc3339_millis(t as u64)),
+    }
+}
+
+/// Filters and paging of a sandbox listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<SandboxState>,
+    pub labels: Vec<(String, String)>,
+    pub limit: usize,
+    /// `<created_at ms>:<id>` of the last item of the previous page.
+    pub after: Option<(i64, String)>,
+}
+
+impl Manager {
+    pub fn new(
+        store: Store,
+        templates: TemplateStore,
+        backends: Vec<Arc<dyn Backend>>,
+        config: ManagerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Manager {
+        let backends = backends
+            .into_iter()
+            .map(|b| (b.name().to_string(), b))
+            .collect();
+        Manager {
+            inner: Arc::new(Inner {
+                store,
+                templates,
+                backends,
+                config,
+                live: RwLock::new(HashMap::new()),
+                metrics,
+                reaper: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn templates(&self) -> &TemplateStore {
+        &self.inner.templates
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Count of live sandboxes per state.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts: BTreeMap<&'static str, u64> =
+            SandboxState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        for entry in self
+            .inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            *counts.entry(entry.state().as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Entry>> {
+        self.inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    fn forget(&self, id: &str) {
+        self.inner
+            .live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// The live entry of sandbox `id` as `who` may see it, or the reason why not.
+    pub async fn entry(&self, who: &Principal, id: &str) -> Result<Arc<Entry>, ApiError> {
+        validate_id(id)?;
+        if let Some(entry) = self.live(id).filter(|e| who.sees(&e.owner)) {
+            return Ok(entry);
+        }
+        match self.inner.store.get_sandbox(id).await? {
+            Some(row) if who.sees(&row.owner) => Err(ApiError::new(
+                ErrorCode::SandboxStopped,
+                format!(
+                    "sandbox {id} has {}{}",
+                    row.state,
+                    row.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                ),
+            )),
+            _ => Err(not_found(id)),
+        }
+    }
+
+    /// Describe sandbox `id`, live or ended.
+    pub async fn get(&self, who: &Principal, id: &str) -> Result<Sandbox, ApiError> {
+        validate_id(id)?;
+        if let Some(entry) = self.live(id).filter(|e| who.sees(&e.owner)) {
+            return Ok(entry.view());
+        }
+        match self.inner.store.get_sandbox(id).await? {
+            Some(row) if who.sees(&row.owner) => Ok(view_from_row(&row)),
+            _ => Err(not_found(id)),
+        }
+    }
+
+    /// List what `who` may see: live sandboxes and recently ended ones.
+    pub async fn list(&self, who: &Principal, filter: ListFilter) -> Result<SandboxList, ApiError> {
+        let mut items: Vec<(i64, Sandbox)> = Vec::new();
+        let live: Vec<Arc<Entry>> = self
+            .inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for entry in live.iter().filter(|e| who.sees(&e.owner)) {
+            let view = entry.view();
+            seen.insert(view.id.clone());
+            items.push((entry.created_ms, view));
+        }
+        if filter.state.is_none_or(|s| s.is_final()) {
+            let owner = if who.is_admin() {
+                None
+            } else {
+                Some(who.owner.clone())
+            };
+            for row in self.inner.store.ended_sandboxes(owner).await? {
+                if !seen.contains(&row.id) {
+                    items.push((row.created_at, view_from_row(&row)));
+                }
+            }
+        }
+        items.retain(|(_, s)| {
+            filter.state.is_none_or(|st| s.state == st)
+                && filter
+                    .labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k) == Some(v))
+        });
+        items.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+        if let Some((t, id)) = &filter.after {
+            items.retain(|(ct, s)| (*ct, &s.id) > (*t, id));
+        }
+        let limit = filter.limit.clamp(1, 1000);
+        let next_cursor = (items.len() > limit).then(|| {
+            let (t, s) = &items[limit - 1];
+            format!("{t}:{}", s.id)
+        });
+        items.truncate(limit);
+        Ok(SandboxList {
+            sandboxes: items.into_iter().map(|(_, s)| s).collect(),
+            next_cursor,
+        })
+    }
+
+    /// Create a sandbox for `who`. With `wait`, return once it runs (or failed).
+    pub async fn create(
+        &self,
+        who: &Principal,
+        req: CreateSandboxRequest,
+        wait: bool,
+    ) -> Result<Sandbox, ApiError> {
+        let template_name = req
+            .template
+            .clone()
+            .unwrap_or_else(|| cove_template::DEFAULT_TEMPLATE.into());
+        let templates = self.inner.templates.clone();
+        let template = tokio::task::spawn_blocking(move || templates.get(&template_name))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| match e {
+                cove_template::TemplateError::Unknown { .. }
+                | cove_template::TemplateError::BadName(_) => {
+                    ApiError::new(ErrorCode::InvalidRequest, e.to_string())
+                }
+                other => ApiError::internal(other.to_string()),
+            })?;
+        let backend_name = req
+            .backend
+            .clone()
+            .unwrap_or_else(|| self.inner.config.default_backend.clone());
+        let Some(backend) = self.inner.backends.get(&backend_name).cloned() else {
+            let known: Vec<&str> = self.inner.backends.keys().map(String::as_str).collect();
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "unknown backend {backend_name:?}; this daemon offers: {}",
+                    known.join(", ")
+                ),
+            ));
+        };
+        let limits = cove_isolate::Limits {
+            memory: req.memory.map(|m| m.0),
+            cpus: req.cpus,
+            pids: req.pids,
+        };
+        engine::validate_limits(&limits)
+            .map_err(|m| ApiError::new(ErrorCode::InvalidRequest, m))?;
+        let disk = req.disk.map(|d| d.0).unwrap_or(engine::DEFAULT_DISK);
+        if disk < 1 << 20 {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("disk {disk} bytes is below the minimum of 1M"),
+            ));
+        }
+        for key in req.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("env name {key:?} is empty or contains '=' or NUL"),
+                ));
+            }
+        }
+        if let Some(cwd) = &req.cwd
+            && !cwd.starts_with('/')
+        {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("cwd {cwd:?} must be an absolute path"),
+            ));
+        }
+        let options = SandboxOptions {
+            limits: limits.clone(),
+            disk: Some(disk),
+            env: req.env.clone().into_iter().collect(),
+            cwd: req.cwd.clone(),
+            user: req.user.clone(),
+            cgroup_parent: self.inner.config.cgroup_parent.clone(),
+        };
+        let cwd = options
+            .cwd
+            .clone()
+            .or_else(|| template.meta.config.working_dir.clone())
+            .unwrap_or_else(|| "/workspace".into());
+        let user = options
+            .user
+            .clone()
+            .or_else(|| template.meta.config.user.clone());
+        let api_limits = ApiLimits {
+            memory: limits.memory,
+            cpus: limits.cpus,
+            pids: limits.pids,
+            disk,
+        };
+
+        let id = loop {
+            let id = engine::new_id();
+            if self.live(&id).is_none() && self.inner.store.get_sandbox(&id).await?.is_none() {
+                break id;
+            }
+        };
+        let now = now_ms();
+        let expires_at = match req.timeout {
+            Some(t) if !t.0.is_zero() => Some(now + t.0.as_millis() as i64),
+            _ => None,
+        };
+        let spec_json = serde_json::to_string(&StoredSpec {
+            cwd: cwd.clone(),
+            user: user.clone(),
+            limits: api_limits.clone(),
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        let row = SandboxRow {
+            id: id.clone(),
+            owner: who.owner.clone(),
+            state: SandboxState::Starting.as_str().into(),
+            reason: None,
+            template: template.name().to_string(),
+            backend: backend_name.clone(),
+            spec: spec_json,
+            record: None,
+            labels: serde_json::to_string(&req.labels).unwrap_or_else(|_| "{}".into()),
+            metadata: serde_json::to_string(&req.metadata).unwrap_or_else(|_| "{}".into()),
+            created_at: now,
+            started_at: None,
+            stopped_at: None,
+            expires_at,
+        };
+        let view = view_from_row(&row);
+        self.inner.store.insert_sandbox(row).await?;
+        let entry = Arc::new(Entry {
+            id: id.clone(),
+            owner: who.owner.clone(),
+            view: Mutex::new(view),
+            expires_at: Mutex::new(expires_at),
+            state: watch::channel(SandboxState::Starting).0,
+            op: Arc::new(tokio::sync::Mutex::new(())),
+            created_ms: now,
+            instance: Mutex::new(None),
+            agent: Mutex::new(None),
+        });
+        self.inner
+            .live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone(), entry.clone());
+        self.inner.reaper.notify_one();
+
+        // Creation holds the operation lock from the start, so a delete
+        // that arrives meanwhile waits for it.
+        let guard = entry.op.clone().lock_owned().await;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            template,
+            options,
+        };
+        let manager = self.clone();
+        let task_entry = entry.clone();
+        let started = tokio::spawn(async move {
+            let _guard = guard;
+            manager.start(task_entry, backend, spec).await
+        });
+        if !wait {
+            return Ok(entry.view());
+        }
+        match started.await {
+            Ok(Ok(())) => {
+                self.inner
+                    .metrics
+                    .creates
+                    .get_or_create(&vec![("result".into(), "ok".into())])
+                    .inc();
+                Ok(entry.view())
+            }
+            Ok(Err(err)) => {
+                self.inner
+                    .metrics
+                    .creates
+                    .get_or_create(&vec![("result".into(), "error".into())])
+                    .inc();
+                Err(err)
+            }
+            Err(err) => Err(ApiError::internal(format!(
+                "sandbox creation panicked: {err}"
+            ))),
+        }
+    }
+
+    /// Bring a sandbox from `starting` to `running` (or `failed`).
+    async fn start(
+        &self,
+        entry: Arc<Entry>,
+        backend: Arc<dyn Backend>,
+        spec: SandboxSpec,
+    ) -> Result<(), ApiError> {
+        let id = spec.id.clone();
+        let created = backend.create(spec).await;
+        let result = match created {
+            Ok(instance) => match connect(instance.as_ref()).await {
+                Ok(agent) => Ok((instance, agent)),
+                Err(err) => {
+                    let _ = instance.destroy().await;
+                    Err(err)
+                }
+            },
+            Err(err) => Err(backend_error(err)),
+        };
+        match result {
+            Ok((instance, agent)) => {
+                let record = instance.record().to_string();
+                if let Err(err) = self
+                    .inner
+                    .store
+                    .set_state(&id, SandboxState::Running.as_str(), None, Some(record))
+                    .await
+                {
+                    // Never run a sandbox the database does not know is running.
+                    let _ = instance.destroy().await;
+                    entry.set(SandboxState::Failed, Some(err.to_string()));
+                    self.forget(&id);
+                    return Err(err.into());
+                }
+                *lock(&entry.instance) = Some(instance.clone());
+                *lock(&entry.agent) = Some(agent);
+                entry.set(SandboxState::Running, None);
+                self.monitor(entry, instance);
+                Ok(())
+            }
+            Err(err) => {
+                let reason = err.message.clone();
+                tracing::warn!(%id, %reason, "sandbox failed to start");
+                let _ = self
+                    .inner
+                    .store
+                    .set_state(
+                        &id,
+                        SandboxState::Failed.as_str(),
+                        Some(reason.clone()),
+                        None,
+                    )
+                    .await;
+                entry.set(SandboxState::Failed, Some(reason));
+                self.forget(&id);
+                backend.clean_up(&id, None).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Watch for the sandbox ending on its own (its agent died).
+    fn monitor(&self, entry: Arc<Entry>, instance: Arc<dyn Instance>) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let reason = instance.exited().await;
+            let _op = entry.op.lock().await;
+            if entry.state().is_final() || entry.state() == SandboxState::Stopping {
+                return;
+            }
+            tracing::warn!(id = %entry.id, %reason, "sandbox lost");
+            let _ = manager
+                .inner
+                .store
+                .set_state(
+                    &entry.id,
+                    SandboxState::Failed.as_str(),
+                    Some(reason.clone()),
+                    None,
+                )
+                .await;
+            entry.set(SandboxState::Failed, Some(reason));
+            let _ = instance.destroy().await;
+            manager.forget(&entry.id);
+        });
+    }
+
+    /// Destroy a sandbox. Deleting an ended sandbox is not an error.
+    pub async fn delete(&self, who: &Principal, id: &str) -> Result<(), ApiError> {
+        match self.entry(who, id).await {
+            Ok(entry) => self.stop(entry, "deleted".into()).await,
+            Err(err) if err.code == ErrorCode::SandboxStopped => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn stop(&self, entry: Arc<Entry>, reason: String) -> Result<(), ApiError> {
+        let _op = entry.op.lock().await;
+        if entry.state().is_final() {
+            return Ok(());
+        }
+        self.inner
+            .store
+            .set_state(&entry.id, SandboxState::Stopping.as_str(), None, None)
+            .await?;
+        entry.set(SandboxState::Stopping, None);
+        *lock(&entry.agent) = None;
+        let instance = lock(&entry.instance).take();
+        if let Some(instance) = instance
+            && let Err(err) = instance.destroy().await
+        {
+            tracing::warn!(id = %entry.id, %err, "destroy reported a problem");
+        }
+        self.inner
+            .store
+            .set_state(
+                &entry.id,
+                SandboxState::Stopped.as_str(),
+                Some(reason.clone()),
+                None,
+            )
+            .await?;
+        entry.set(SandboxState::Stopped, Some(reason));
+        self.forget(&entry.id);
+        Ok(())
+    }
+
+    pub async fn pause(&self, who: &Principal, id: &str) -> Result<Sandbox, ApiError> {
+        let entry = self.entry(who, id).await?;
+        let _op = entry.op.lock().await;
+        match entry.state() {
+            SandboxState::Paused => return Ok(entry.view()),
+            SandboxState::Running => {}
+            other => return Err(state_error(&entry.id, other)),
+        }
+        let instance = entry
+            .instance()
+            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        self.inner
+            .store
+            .set_state(&entry.id, SandboxState::Paused.as_str(), None, None)
+            .await?;
+        if let Err(err) = instance.pause().await {
+            self.inner
+                .store
+                .set_state(&entry.id, SandboxState::Running.as_str(), None, None)
+                .await?;
+            return Err(backend_error(err));
+        }
+        entry.set(SandboxState::Paused, None);
+        Ok(entry.view())
+    }
+
+    pub async fn resume(&self, who: &Principal, id: &str) -> Result<Sandbox, ApiError> {
+        let entry = self.entry(who, id).await?;
+        let _op = entry.op.lock().await;
+        match entry.state() {
+            SandboxState::Running => return Ok(entry.view()),
+            SandboxState::Paused => {}
+            other => return Err(state_error(&entry.id, other)),
+        }
+        let instance = entry
+            .instance()
+            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        self.inner
+            .store
+            .set_state(&entry.id, SandboxState::Running.as_str(), None, None)
+            .await?;
+        if let Err(err) = instance.resume().await {
+            self.inner
+                .store
+                .set_state(&entry.id, SandboxState::Paused.as_str(), None, None)
+                .await?;
+            return Err(backend_error(err));
+        }
+        entry.set(SandboxState::Running, None);
+        if entry.agent().is_none()
+            && let Ok(agent) = connect(instance.as_ref()).await
+        {
+            *lock(&entry.agent) = Some(agent);
+        }
+        Ok(entry.view())
+    }
+
+    /// Set the time to live, counted from now (zero: no limit).
+    pub async fn set_timeout(
+        &self,
+        who: &Principal,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<Sandbox, ApiError> {
+        let entry = self.entry(who, id).await?;
+        let expires_at = (!ttl.is_zero()).then(|| now_ms() + ttl.as_millis() as i64);
+        self.inner.store.set_expiry(&entry.id, expires_at).await?;
+        *lock(&entry.expires_at) = expires_at;
+        self.inner.reaper.notify_one();
+        Ok(entry.view())
+    }
+
+    /// Wait until sandbox `id` is in `target` (or has ended), up to `timeout`.
+    pub async fn wait(
+        &self,
+        who: &Principal,
+        id: &str,
+        target: SandboxState,
+        timeout: Duration,
+    ) -> Result<Sandbox, ApiError> {
+        let entry = match self.entry(who, id).await {
+            Ok(entry) => entry,
+            Err(err) if err.code == ErrorCode::SandboxStopped => return self.get(who, id).await,
+            Err(err) => return Err(err),
+        };
+        let mut rx = entry.state.subscribe();
+        let reached =
+            tokio::time::timeout(timeout, rx.wait_for(|s| *s == target || s.is_final())).await;
+        match reached {
+            Ok(_) => Ok(entry.view()),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "sandbox {id} did not reach {} within {}",
+                    target.as_str(),
+                    cove_api::units::format_duration(timeout)
+                ),
+            )),
+        }
+    }
+
+    /// The agent of a running sandbox, for exec. Waits for a starting
+    /// sandbox; a paused one is a 409, an ended one a 410.
+    pub async fn agent(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(Arc<Entry>, AgentClient), ApiError> {
+        let entry = self.entry(who, id).await?;
+        if entry.state() == SandboxState::Starting {
+            let mut rx = entry.state.subscribe();
+            let _ = tokio::time::timeout(START_WAIT, rx.wait_for(|s| *s != SandboxState::Starting))
+                .await;
+        }
+        match entry.state() {
+            SandboxState::Running => {}
+            other => return Err(state_error(&entry.id, other)),
+        }
+        if let Some(agent) = entry.agent() {
+            return Ok((entry, agent));
+        }
+        // The connection broke: try once to reconnect.
+        let instance = entry
+            .instance()
+            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let agent = connect(instance.as_ref()).await?;
+        *lock(&entry.agent) = Some(agent.clone());
+        Ok((entry, agent))
+    }
+
+    /// Templates as the API shows them.
+    pub fn template_infos(&self) -> Vec<TemplateInfo> {
+        self.inner
+            .templates
+            .list()
+            .into_iter()
+            .map(|t| TemplateInfo {
+                name: t.meta.name.clone(),
+                kind: match t.meta.kind {
+                    cove_template::TemplateKind::Host => "host".into(),
+                    cove_template::TemplateKind::Rootfs => "rootfs".into(),
+                },
+                source: t.meta.source.clone(),
+                created_at: (t.meta.created > 0)
+                    .then(|| cove_api::rfc3339_millis(t.meta.created * 1000)),
+                env: t.meta.config.env.iter().cloned().collect(),
+                working_dir: t.meta.config.working_dir.clone(),
+                user: t.meta.config.user.clone(),
+                entrypoint: t.meta.config.entrypoint.clone(),
+                cmd: t.meta.config.cmd.clone(),
+            })
+            .collect()
+    }
+
+    /// Destroy sandboxes whose time is up; forget long-ended ones.
+    pub fn spawn_reaper(&self) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let mut last_purge = 0i64;
+            loop {
+                let now = now_ms();
+                let entries: Vec<Arc<Entry>> = manager
+                    .inner
+                    .live
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .cloned()
+                    .collect();
+                let mut next: Option<i64> = None;
+                for entry in entries {
+                    let Some(at) = *lock(&entry.expires_at) else {
+                        continue;
+                    };
+                    if at <= now
+                        && !entry.state().is_final()
+                        && entry.state() != SandboxState::Stopping
+                    {
+                        let m = manager.clone();
+                        tokio::spawn(async move {
+                            tracing::info!(id = %entry.id, "time to live expired");
+                            if let Err(err) =
+                                m.stop(entry, "the sandbox's timeout expired".into()).await
+                            {
+                                tracing::warn!(error = %err.message, "reaping an expired sandbox failed");
+                            }
+                        });
+                    } else if at > now {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
+                }
+                if now - last_purge > 60_000 {
+                    last_purge = now;
+                    let _ = manager.inner.store.purge_ended(now - RETENTION_MS).await;
+                }
+                let sleep_ms = next.map_or(30_000, |n| (n - now).clamp(10, 30_000)) as u64;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+                    _ = manager.inner.reaper.notified() => {}
+                }
+            }
+        });
+    }
+
+    /// Find every sandbox the database says is alive: reattach the running
+    /// ones, mark the ones whose agent died as failed, finish interrupted
+    /// deletes, and remove host state nobody knows about.
+    pub async fn recover(&self) -> Result<(), StoreError> {
+        let rows = self.inner.store.live_sandboxes_blocking()?;
+        let mut known = std::collections::HashSet::new();
+        for row in rows {
+            known.insert(row.id.clone());
+            let Some(backend) = self.inner.backends.get(&row.backend).cloned() else {
+                let reason = format!("backend {} is not available in this daemon", row.backend);
+                self.inner
+                    .store
+                    .set_state(&row.id, "failed", Some(reason), None)
+                    .await?;
+                continue;
+            };
+            let record: Option<serde_json::Value> = row
+                .record
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok());
+            let state = parse_state(&row.state);
+            let reattached = match (&record, state) {
+                (Some(record), SandboxState::Running | SandboxState::Paused) => {
+                    match backend.reattach(&row.id, record.clone()).await {
+                        Ok(instance) if state == SandboxState::Paused => Ok((instance, None)),
+                        Ok(instance) => match connect(instance.as_ref()).await {
+                            Ok(agent) => Ok((instance, Some(agent))),
+                            Err(err) => {
+                                // An agent that died just before we looked
+                                // may still be tearing down its namespaces.
+                                let dying =
+                                    tokio::time::timeout(Duration::from_secs(2), instance.exited())
+                                        .await
+                                        .is_ok();
+                                let _ = instance.destroy().await;
+                                Err(if dying {
+                                    "its agent exited while the daemon was down".to_string()
+                                } else {
+                                    format!(
+                                        "its agent does not answer after the daemon restarted: {}",
+                                        err.message
+                                    )
+                                })
+                            }
+                        },
+                        Err(err) => Err(format!(
+                            "its agent exited while the daemon was down ({err})"
+                        )),
+                    }
+                }
+                (_, SandboxState::Starting) => {
+                    Err("the daemon stopped while the sandbox was starting".into())
+                }
+                (_, SandboxState::Stopping) => Err(String::new()),
+                _ => Err("the daemon lost track of the sandbox".into()),
+            };
+            match reattached {
+                Ok((instance, agent)) => {
+                    let mut view = view_from_row(&row);
+                    view.state = state;
+                    let entry = Arc::new(Entry {
+                        id: row.id.clone(),
+                        owner: row.owner.clone(),
+                        view: Mutex::new(view),
+                        expires_at: Mutex::new(row.expires_at),
+                        state: watch::channel(state).0,
+                        op: Arc::new(tokio::sync::Mutex::new(())),
+                        created_ms: row.created_at,
+                        instance: Mutex::new(Some(instance.clone())),
+                        agent: Mutex::new(agent),
+                    });
+                    self.inner
+                        .live
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(row.id.clone(), entry.clone());
+                    self.monitor(entry, instance);
+                    tracing::info!(id = %row.id, state = state.as_str(), "reattached");
+                }
+                Err(reason) => {
+                    backend.clean_up(&row.id, record).await;
+                    let (state, reason) = if reason.is_empty() {
+                        ("stopped", "deleted".to_string())
+                    } else {
+                        ("failed", reason)
+                    };
+                    tracing::warn!(id = %row.id, %reason, "not recovered");
+                    self.inner
+                        .store
+                        .set_state(&row.id, state, Some(reason), None)
+                        .await?;
+                }
+            }
+        }
+        for backend in self.inner.backends.values() {
+            for id in backend.known_ids() {
+                if !known.contains(&id) {
+                    tracing::warn!(%id, "removing a sandbox the database does not know");
+                    backend.clean_up(&id, None).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Connect to an instance's agent and greet it.
+async fn connect(instance: &dyn Instance) -> Result<AgentClient, ApiError> {
+    let attempt = async {
+        let stream = instance.connect().await.map_err(backend_error)?;
+        AgentClient::connect(stream, "cove-serve")
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::AgentUnreachable,
+                    format!("the sandbox's agent does not answer: {e}"),
+                )
+            })
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                ErrorCode::AgentUnreachable,
+                "the sandbox's agent did not answer within 10s",
+            ))
+        })
+}
+
+pub fn validate_id(id: &str) -> Result<(), ApiError> {
+    let ok = id.len() == 12
+        && id.starts_with("sbx-")
+        && id[4..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "{:?} is not a sandbox ID (they look like sbx-1a2b3c4d)",
+                id.chars().take(80).collect::<String>()
+            ),
+        ))
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no sandbox {id}"))
+}
+
+fn state_error(id: &str, state: SandboxState) -> ApiError {
+    match state {
+        SandboxState::Paused => ApiError::new(
+            ErrorCode::SandboxPaused,
+            format!("sandbox {id} is paused; resume it first"),
+        ),
+        SandboxState::Stopping | SandboxState::Stopped | SandboxState::Failed => ApiError::new(
+            ErrorCode::SandboxStopped,
+            format!("sandbox {id} is {}", state.as_str()),
+        ),
+        SandboxState::Starting => ApiError::new(
+            ErrorCode::Conflict,
+            format!("sandbox {id} is still starting"),
+        ),
+        SandboxState::Running => {
+            ApiError::new(ErrorCode::Conflict, format!("sandbox {id} is running"))
+        }
+    }
+}
