@@ -62,12 +62,21 @@ pub struct Endpoints {
 
 pub(crate) type ConnTx = mpsc::Sender<AgentMessage>;
 
+/// Most finished background processes kept for late readers.
+const RETAIN_COUNT: usize = 128;
+/// Most output bytes kept for finished background processes, in all.
+const RETAIN_BYTES: usize = 64 * 1024 * 1024;
+/// How long a finished background process stays listed.
+const RETAIN_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 pub(crate) struct Agent {
     config: AgentConfig,
     devnull: OwnedFd,
     procs: RefCell<HashMap<u32, Rc<Proc>>>,
     waiters: RefCell<HashMap<i32, tokio::sync::oneshot::Sender<nix::sys::wait::WaitStatus>>>,
     lingering: RefCell<Vec<String>>,
+    /// Finished background processes kept for late readers, oldest first.
+    retained: RefCell<std::collections::VecDeque<u32>>,
     next_proc: Cell<u64>,
     connections: Cell<usize>,
     serves_listener: bool,
@@ -116,6 +125,7 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
         procs: RefCell::default(),
         waiters: RefCell::default(),
         lingering: RefCell::default(),
+        retained: RefCell::default(),
         next_proc: Cell::new(0),
         connections: Cell::new(0),
         serves_listener: endpoints.listener.is_some(),
@@ -138,6 +148,13 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
             return 1;
         }
     }
+    let sweeper = agent.clone();
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            sweeper.enforce_retention();
+        }
+    });
     if let Some(fd) = endpoints.connected {
         match stream_from(fd) {
             Ok(stream) => {
@@ -320,8 +337,28 @@ impl Agent {
             }
             HostMessage::Credit { pid, bytes } => {
                 if let Some(proc) = self.proc(pid) {
-                    proc.add_credit(bytes);
+                    proc.add_credit(tx, bytes);
                 }
+            }
+            HostMessage::Attach {
+                pid,
+                stdout_from,
+                stderr_from,
+                window,
+            } => {
+                self.attach(tx, pid, [stdout_from, stderr_from], window)
+                    .await;
+            }
+            HostMessage::Detach { pid } => {
+                if let Some(proc) = self.proc(pid) {
+                    proc.unsubscribe(tx);
+                    self.retire(&proc);
+                }
+            }
+            HostMessage::ListProcesses { req } => {
+                let mut list: Vec<_> = self.procs.borrow().values().map(|p| p.info()).collect();
+                list.sort_by_key(|p| (p.started_at, p.pid));
+                let _ = tx.send(AgentMessage::Processes { req, list }).await;
             }
             HostMessage::Kill { pid } => match self.proc(pid) {
                 Some(proc) => self.kill_tree(&proc),
@@ -357,10 +394,42 @@ impl Agent {
         nix::sys::signal::kill(target, sig).map_err(|e| format!("kill failed: {e}"))
     }
 
-    /// The connection behind `tx` is gone: its processes run on unowned.
+    /// The connection behind `tx` is gone: its subscriptions end, and the
+    /// foreground processes it owned are killed (nobody can read their
+    /// result any more). Background processes run on.
     fn disown(&self, tx: &ConnTx) {
-        for proc in self.procs.borrow().values() {
-            proc.disown(tx);
+        let procs: Vec<Rc<Proc>> = self.procs.borrow().values().cloned().collect();
+        for proc in procs {
+            if proc.unsubscribe(tx) && !proc.has_exited() {
+                self.kill_tree(&proc);
+            }
+            self.retire(&proc);
+        }
+    }
+
+    /// Keep finished background processes within the budget: at most
+    /// [`RETAIN_COUNT`] of them, [`RETAIN_BYTES`] of output, [`RETAIN_FOR`] old.
+    pub(crate) fn enforce_retention(&self) {
+        let mut retained = self.retained.borrow_mut();
+        retained.retain(|pid| self.procs.borrow().contains_key(pid));
+        loop {
+            let held: usize = retained
+                .iter()
+                .filter_map(|pid| self.proc(*pid))
+                .map(|p| p.held_bytes())
+                .sum();
+            let oldest_expired = retained
+                .front()
+                .and_then(|pid| self.proc(*pid))
+                .and_then(|p| p.finished_at())
+                .is_some_and(|t| t.elapsed() > RETAIN_FOR);
+            if retained.len() > RETAIN_COUNT || held > RETAIN_BYTES || oldest_expired {
+                if let Some(pid) = retained.pop_front() {
+                    self.procs.borrow_mut().remove(&pid);
+                }
+            } else {
+                break;
+            }
         }
     }
 

@@ -1,22 +1,35 @@
-//! One sandboxed process from spawn to exit: its stdio pumps, its stdin
-//! queue, its timeout, and the exit report.
+//! One sandboxed process from spawn to exit and after: its output logs,
+//! the connections reading them, its stdin queue, its timeout, and its
+//! result.
 //!
-//! Ordering: `Spawned` is sent before any task of the process exists, and
-//! `Exited` only after every pump has returned, so a host sees `Spawned`,
-//! then output, then `Exited`, and nothing after it.
+//! ```text
+//!  pipe ──pump──▶ OutputLog (bounded, with offsets) ──subscription──▶ connection
+//!                     ▲ trimmed when the owner has read (back-pressure)
+//!                     └ or when full (background: oldest bytes dropped, readers told)
+//! ```
 //!
-//! When the process exits, its pumps keep forwarding as long as data keeps
-//! coming; once the pipes stay quiet for [`EXIT_GRACE`] (a background child
-//! still holds them open) the pumps stop forwarding and a drain task
-//! swallows the rest, so the background child never blocks or gets SIGPIPE.
+//! A foreground process has an *owner*: the connection that spawned it. Its
+//! log is a bounded window ahead of the owner: when the owner stops
+//! granting credit the log fills, the pump stops reading, and the process
+//! blocks on its pipe, so nothing is lost and no memory grows. If the owner
+//! goes away the process tree is killed. A background process has no owner:
+//! its pumps always read, the log keeps the newest `replay_bytes` of each
+//! stream, and any connection may attach from an offset; a reader that
+//! falls behind gets a `Dropped` notice for the bytes it missed. The process
+//! never blocks on a slow or absent reader.
+//!
+//! Ordering per subscription: `Spawned` (or `Attached`), then output, then
+//! `Exited` once both streams are fully delivered.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use cove_protocol::{
-    AgentMessage, ExitStatus, MAX_CHUNK, ProcessSpec, SpawnError, SpawnErrorKind, Stream,
+    AgentMessage, ExitStatus, MAX_CHUNK, ProcessInfo, ProcessSpec, SpawnError, SpawnErrorKind,
+    Stream,
 };
 use nix::sys::wait::WaitStatus;
 use tokio::io::unix::AsyncFd;
@@ -32,22 +45,135 @@ use crate::{Agent, ConnTx};
 /// pumps stop forwarding (a background child still holds them open).
 const EXIT_GRACE: Duration = Duration::from_millis(50);
 
+/// Smallest log a process gets, whatever it asks for.
+const MIN_LOG: usize = 64 * 1024;
+/// Largest replay buffer a process may ask for, per stream.
+pub const MAX_REPLAY: u64 = 64 * 1024 * 1024;
+
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 enum StdinCmd {
-    Data(Vec<u8>),
+    Data(Vec<u8>, ConnTx),
     Close,
+}
+
+/// The bytes of one output stream still held, with their offsets.
+struct OutputLog {
+    buf: VecDeque<u8>,
+    /// Offset of `buf[0]` in the stream.
+    start: u64,
+    /// Most bytes held at once.
+    cap: usize,
+    /// Bytes the process wrote (also those past `limit`).
+    produced: u64,
+    /// `max_output`: bytes past it are discarded.
+    limit: Option<u64>,
+    truncated: bool,
+}
+
+impl OutputLog {
+    fn new(cap: usize, limit: Option<u64>) -> OutputLog {
+        OutputLog {
+            buf: VecDeque::new(),
+            start: 0,
+            cap,
+            produced: 0,
+            limit,
+            truncated: false,
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.start + self.buf.len() as u64
+    }
+
+    /// Append what the process wrote; returns whether anything was kept.
+    fn append(&mut self, data: &[u8], may_drop: bool) -> bool {
+        self.produced += data.len() as u64;
+        let keep = match self.limit {
+            Some(limit) => (limit.saturating_sub(self.end())).min(data.len() as u64) as usize,
+            None => data.len(),
+        };
+        if keep < data.len() {
+            self.truncated = true;
+        }
+        self.buf.extend(&data[..keep]);
+        if may_drop && self.buf.len() > self.cap {
+            self.trim_to(self.end() - self.cap as u64);
+        }
+        keep > 0
+    }
+
+    /// How much a pump may read while an owner applies back-pressure, or
+    /// `None` when the log is full. Bytes past `max_output` are discarded,
+    /// so they need no room.
+    fn room(&self) -> Option<usize> {
+        if self.limit.is_some_and(|l| self.end() >= l) {
+            return Some(MAX_CHUNK);
+        }
+        let free = self.cap.saturating_sub(self.buf.len());
+        (free > 0).then(|| free.min(MAX_CHUNK))
+    }
+
+    /// Forget everything before offset `to`.
+    fn trim_to(&mut self, to: u64) {
+        let n = to.saturating_sub(self.start).min(self.buf.len() as u64) as usize;
+        self.buf.drain(..n);
+        self.start += n as u64;
+    }
+
+    /// Copy up to `max` bytes from offset `from` (which must be >= start).
+    fn read(&self, from: u64, max: usize) -> Vec<u8> {
+        let skip = (from - self.start) as usize;
+        self.buf.iter().skip(skip).take(max).copied().collect()
+    }
+}
+
+/// One connection reading one process.
+struct Subscription {
+    conn: ConnTx,
+    next: [Cell<u64>; 2],
+    credit: Cell<u64>,
+    /// The spawning connection of a foreground process.
+    owner: bool,
+    changed: Notify,
+    detached: Cell<bool>,
 }
 
 pub(crate) struct Proc {
     pid: u32,
-    owner: RefCell<Option<ConnTx>>,
-    credit: Cell<u64>,
-    credit_changed: Notify,
+    argv: Vec<String>,
+    tag: Option<String>,
+    background: bool,
+    started_at: u64,
+    logs: [RefCell<OutputLog>; 2],
+    subs: RefCell<Vec<Rc<Subscription>>>,
+    /// New output, EOF, or the result: subscriptions look again.
+    data: Notify,
+    /// The owner read (or left): a blocked pump looks again.
+    room: Notify,
     stdin: RefCell<Option<mpsc::UnboundedSender<StdinCmd>>>,
     pty: Option<OwnedFd>,
     cgroup: Option<String>,
     exited: watch::Sender<bool>,
+    status: RefCell<Option<ExitStatus>>,
+    finished_at: Cell<Option<Instant>>,
+}
+
+fn index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Proc {
@@ -60,38 +186,67 @@ impl Proc {
         self.pid as i32
     }
 
-    fn owner(&self) -> Option<ConnTx> {
-        self.owner.borrow().clone()
+    pub(crate) fn has_exited(&self) -> bool {
+        self.status.borrow().is_some()
     }
 
-    pub(crate) fn disown(&self, tx: &ConnTx) {
-        let mut owner = self.owner.borrow_mut();
-        if owner.as_ref().is_some_and(|o| o.same_channel(tx)) {
-            *owner = None;
-            self.credit_changed.notify_waiters();
+    fn has_owner(&self) -> bool {
+        self.subs.borrow().iter().any(|s| s.owner)
+    }
+
+    pub(crate) fn info(&self) -> ProcessInfo {
+        ProcessInfo {
+            pid: self.pid,
+            argv: self.argv.clone(),
+            tag: self.tag.clone(),
+            background: self.background,
+            pty: self.pty.is_some(),
+            stdin_open: self.stdin.borrow().is_some(),
+            started_at: self.started_at,
+            status: self.status.borrow().clone(),
+            stdout_bytes: self.logs[0].borrow().produced,
+            stderr_bytes: self.logs[1].borrow().produced,
         }
     }
 
-    pub(crate) fn add_credit(&self, bytes: u64) {
-        self.credit.set(self.credit.get().saturating_add(bytes));
-        self.credit_changed.notify_waiters();
+    /// Bytes held in the logs (for the retention budget).
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.logs.iter().map(|l| l.borrow().buf.len()).sum()
     }
 
-    /// How many bytes a pump may read now; waits while the owner has
-    /// granted no credit. Unowned processes are drained freely.
-    async fn take_credit(&self) -> usize {
-        loop {
-            let changed = self.credit_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.owner.borrow().is_none() {
-                return MAX_CHUNK;
+    pub(crate) fn finished_at(&self) -> Option<Instant> {
+        self.finished_at.get()
+    }
+
+    fn subscription(&self, conn: &ConnTx) -> Option<Rc<Subscription>> {
+        self.subs
+            .borrow()
+            .iter()
+            .find(|s| s.conn.same_channel(conn))
+            .cloned()
+    }
+
+    /// Remove `conn`'s subscription; returns whether it owned the process.
+    pub(crate) fn unsubscribe(&self, conn: &ConnTx) -> bool {
+        let mut owned = false;
+        self.subs.borrow_mut().retain(|s| {
+            if s.conn.same_channel(conn) {
+                owned |= s.owner;
+                s.detached.set(true);
+                s.changed.notify_waiters();
+                false
+            } else {
+                true
             }
-            let credit = self.credit.get();
-            if credit > 0 {
-                return credit.min(MAX_CHUNK as u64) as usize;
-            }
-            changed.await;
+        });
+        self.room.notify_waiters();
+        owned
+    }
+
+    pub(crate) fn add_credit(&self, conn: &ConnTx, bytes: u64) {
+        if let Some(sub) = self.subscription(conn) {
+            sub.credit.set(sub.credit.get().saturating_add(bytes));
+            sub.changed.notify_waiters();
         }
     }
 
@@ -101,7 +256,7 @@ impl Proc {
             .stdin
             .borrow()
             .as_ref()
-            .is_some_and(|q| q.send(StdinCmd::Data(data)).is_ok());
+            .is_some_and(|q| q.send(StdinCmd::Data(data, tx.clone())).is_ok());
         if !sent {
             let error = Some(format!("stdin of process {} is closed", self.pid));
             let _ = tx
@@ -125,6 +280,23 @@ impl Proc {
             Some(master) => fdio::set_winsize(master, rows, cols),
             None => Err(std::io::Error::other("the process has no terminal")),
         }
+    }
+
+    /// After the owner read, forget what every owner has read.
+    fn trim_for_owner(&self) {
+        let subs = self.subs.borrow();
+        for stream in STREAMS {
+            let i = index(stream);
+            if let Some(min) = subs
+                .iter()
+                .filter(|s| s.owner)
+                .map(|s| s.next[i].get())
+                .min()
+            {
+                self.logs[i].borrow_mut().trim_to(min);
+            }
+        }
+        self.room.notify_waiters();
     }
 }
 
@@ -264,8 +436,8 @@ impl Agent {
         match self.start(&spec, tx) {
             Ok(started) => {
                 let pid = started.proc.pid;
-                if tx.send(AgentMessage::Spawned { req, pid }).await.is_err() {
-                    started.proc.disown(tx);
+                if tx.send(AgentMessage::Spawned { req, pid }).await.is_err() && !spec.background {
+                    started.proc.unsubscribe(tx);
                 }
                 self.clone().supervise(started, spec);
             }
@@ -330,23 +502,46 @@ impl Agent {
         };
         let (exit_tx, exit_rx) = oneshot::channel();
         self.waiters.borrow_mut().insert(pid.as_raw(), exit_tx);
-        // Close the child's ends in the agent so pipes reach EOF when the
-        // process tree is done with them.
+        // Close the child's ends here so pipes reach EOF when the process
+        // tree is done with them.
         drop(pipes.child_stdin);
         drop(pipes.child_stdout);
         drop(pipes.child_stderr);
 
         let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
         let has_stdin = pipes.stdin.is_some();
+        let cap = (spec.replay_bytes.min(MAX_REPLAY) as usize).max(MIN_LOG);
+        let subs = if spec.background {
+            Vec::new()
+        } else {
+            vec![Rc::new(Subscription {
+                conn: tx.clone(),
+                next: [Cell::new(0), Cell::new(0)],
+                credit: Cell::new(spec.window),
+                owner: true,
+                changed: Notify::new(),
+                detached: Cell::new(false),
+            })]
+        };
         let proc = Rc::new(Proc {
             pid: pid.as_raw() as u32,
-            owner: RefCell::new(Some(tx.clone())),
-            credit: Cell::new(spec.window),
-            credit_changed: Notify::new(),
+            argv,
+            tag: spec.tag.clone(),
+            background: spec.background,
+            started_at: now_ms(),
+            logs: [
+                RefCell::new(OutputLog::new(cap, spec.max_output)),
+                RefCell::new(OutputLog::new(cap, spec.max_output)),
+            ],
+            subs: RefCell::new(subs),
+            data: Notify::new(),
+            room: Notify::new(),
             stdin: RefCell::new(has_stdin.then_some(stdin_tx)),
             pty: pipes.pty_master,
             cgroup: cgroup_name,
             exited: watch::channel(false).0,
+            status: RefCell::new(None),
+            finished_at: Cell::new(None),
         });
         self.procs.borrow_mut().insert(proc.pid, proc.clone());
         Ok(Started {
@@ -374,18 +569,20 @@ impl Agent {
         if let Some((fd, queue)) = stdin {
             tokio::task::spawn_local(feed_stdin(proc.clone(), fd, queue, is_pty));
         }
+        let owner = proc.subs.borrow().first().cloned();
+        if let Some(sub) = owner {
+            tokio::task::spawn_local(deliver(self.clone(), proc.clone(), sub));
+        }
         let mut pumps = vec![tokio::task::spawn_local(pump(
             proc.clone(),
             Stream::Stdout,
             stdout,
-            spec.max_output,
         ))];
         if let Some(stderr) = stderr {
             pumps.push(tokio::task::spawn_local(pump(
                 proc.clone(),
                 Stream::Stderr,
                 stderr,
-                spec.max_output,
             )));
         }
         tokio::task::spawn_local(async move {
@@ -421,29 +618,39 @@ impl Agent {
                 Ok(WaitStatus::Signaled(_, sig, _)) => status.signal = Some(sig as i32),
                 _ => status.code = Some(255),
             }
-            for (i, pump) in pumps.into_iter().enumerate() {
-                let (bytes, truncated) = pump.await.unwrap_or((0, false));
-                if i == 0 {
-                    (status.stdout_bytes, status.stdout_truncated) = (bytes, truncated);
-                } else {
-                    (status.stderr_bytes, status.stderr_truncated) = (bytes, truncated);
-                }
+            for pump in pumps {
+                let _ = pump.await;
+            }
+            {
+                let out = proc.logs[0].borrow();
+                let err = proc.logs[1].borrow();
+                (status.stdout_bytes, status.stdout_truncated) = (out.produced, out.truncated);
+                (status.stderr_bytes, status.stderr_truncated) = (err.produced, err.truncated);
             }
             if status.signal == Some(libc::SIGKILL) && !timed_out {
                 let oom_after = self.config.oom_events.as_ref().and_then(read_oom_kills);
                 status.oom_killed = matches!((oom_before, oom_after), (Some(a), Some(b)) if b > a);
             }
-            self.procs.borrow_mut().remove(&proc.pid);
-            if let Some(owner) = proc.owner() {
-                let _ = owner
-                    .send(AgentMessage::Exited {
-                        pid: proc.pid,
-                        status,
-                    })
-                    .await;
-            }
+            *proc.status.borrow_mut() = Some(status);
+            proc.finished_at.set(Some(Instant::now()));
+            proc.data.notify_waiters();
             self.release_cgroup(proc.cgroup.as_deref());
+            self.retire(&proc);
         });
+    }
+
+    /// A process that has exited stays listed while someone reads it, and
+    /// (background ones) for a while after, within the retention budget.
+    pub(crate) fn retire(&self, proc: &Rc<Proc>) {
+        if !proc.has_exited() {
+            return;
+        }
+        if proc.background {
+            self.retained.borrow_mut().push_back(proc.pid);
+            self.enforce_retention();
+        } else if proc.subs.borrow().is_empty() {
+            self.procs.borrow_mut().remove(&proc.pid);
+        }
     }
 
     /// Remove a process's cgroup, or keep it for a later sweep while
@@ -458,6 +665,9 @@ impl Agent {
 
     /// SIGKILL the process group, then every member of the process's cgroup.
     pub(crate) fn kill_tree(&self, proc: &Proc) {
+        if proc.has_exited() && proc.cgroup.is_none() {
+            return;
+        }
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(proc.pgid()),
             nix::sys::signal::Signal::SIGKILL,
@@ -465,6 +675,48 @@ impl Agent {
         if let (Some(cgroups), Some(name)) = (&self.config.cgroups, &proc.cgroup) {
             cgroups.kill(name);
         }
+    }
+
+    /// Subscribe `conn` to `pid`'s output from the given offsets.
+    pub(crate) async fn attach(
+        self: &Rc<Self>,
+        conn: &ConnTx,
+        pid: u32,
+        from: [u64; 2],
+        window: u64,
+    ) {
+        let Some(proc) = self.proc(pid) else {
+            let message = format!("no process {pid} (it never ran here, or finished too long ago)");
+            let _ = conn
+                .send(AgentMessage::Error {
+                    pid: Some(pid),
+                    message,
+                })
+                .await;
+            return;
+        };
+        proc.unsubscribe(conn);
+        let sub = Rc::new(Subscription {
+            conn: conn.clone(),
+            next: [Cell::new(from[0]), Cell::new(from[1])],
+            credit: Cell::new(window),
+            owner: false,
+            changed: Notify::new(),
+            detached: Cell::new(false),
+        });
+        proc.subs.borrow_mut().push(sub.clone());
+        if conn
+            .send(AgentMessage::Attached {
+                pid,
+                info: proc.info(),
+            })
+            .await
+            .is_err()
+        {
+            proc.unsubscribe(conn);
+            return;
+        }
+        tokio::task::spawn_local(deliver(self.clone(), proc, sub));
     }
 }
 
@@ -478,20 +730,32 @@ struct Started {
     oom_before: Option<u64>,
 }
 
-/// Forward one output stream. Returns (bytes produced, truncated).
-async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd, cap: Option<u64>) -> (u64, bool) {
+/// Read one output stream into its log.
+async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
     let fd = match fdio::async_fd(fd) {
         Ok(fd) => fd,
         Err(err) => {
             tracing::warn!(%err, "cannot watch an output pipe");
-            return (0, false);
+            return;
         }
     };
+    let i = index(stream);
     let mut exited = proc.exited.subscribe();
     let mut buf = vec![0u8; MAX_CHUNK];
-    let (mut produced, mut forwarded, mut truncated) = (0u64, 0u64, false);
     loop {
-        let want = proc.take_credit().await;
+        // With an owner, read only while the log has room: back-pressure.
+        let want = loop {
+            let room = proc.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if !proc.has_owner() {
+                break MAX_CHUNK;
+            }
+            if let Some(want) = proc.logs[i].borrow().room() {
+                break want;
+            }
+            room.await;
+        };
         let n = if *exited.borrow() {
             match tokio::time::timeout(EXIT_GRACE, fdio::read(&fd, &mut buf[..want])).await {
                 Ok(result) => result,
@@ -510,38 +774,12 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd, cap: Option<u64>) -> 
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let offset = produced;
-        produced += n as u64;
-        let keep = match cap {
-            Some(cap) => (cap.saturating_sub(forwarded)).min(n as u64) as usize,
-            None => n,
-        };
-        if keep < n {
-            truncated = true;
-        }
-        if keep == 0 {
-            continue;
-        }
-        forwarded += keep as u64;
-        if let Some(owner) = proc.owner() {
-            proc.credit
-                .set(proc.credit.get().saturating_sub(keep as u64));
-            let data = buf[..keep].to_vec();
-            if owner
-                .send(AgentMessage::Output {
-                    pid: proc.pid,
-                    stream,
-                    offset,
-                    data,
-                })
-                .await
-                .is_err()
-            {
-                proc.disown(&owner);
-            }
+        let may_drop = !proc.has_owner();
+        if proc.logs[i].borrow_mut().append(&buf[..n], may_drop) {
+            proc.data.notify_waiters();
         }
     }
-    (produced, truncated)
+    proc.data.notify_waiters();
 }
 
 /// Swallow a pipe's remaining output until its last writer closes it.
@@ -550,6 +788,79 @@ async fn drain(fd: AsyncFd<OwnedFd>) {
     while let Ok(n) = fdio::read(&fd, &mut buf).await {
         if n == 0 {
             break;
+        }
+    }
+}
+
+/// Send a process's output to one subscriber, then its exit.
+async fn deliver(agent: Rc<Agent>, proc: Rc<Proc>, sub: Rc<Subscription>) {
+    let pid = proc.pid;
+    loop {
+        let data = proc.data.notified();
+        let credit = sub.changed.notified();
+        tokio::pin!(data, credit);
+        data.as_mut().enable();
+        credit.as_mut().enable();
+        if sub.detached.get() {
+            return;
+        }
+        let mut message = None;
+        for stream in STREAMS {
+            let i = index(stream);
+            let log = proc.logs[i].borrow();
+            let next = sub.next[i].get();
+            if next < log.start {
+                sub.next[i].set(log.start);
+                message = Some(AgentMessage::Dropped {
+                    pid,
+                    stream,
+                    from: next,
+                    to: log.start,
+                });
+                break;
+            }
+            let available = log.end().saturating_sub(next);
+            let credit = sub.credit.get();
+            if available > 0 && credit > 0 {
+                let n = available.min(credit).min(MAX_CHUNK as u64) as usize;
+                let data = log.read(next, n);
+                sub.next[i].set(next + data.len() as u64);
+                sub.credit.set(credit - data.len() as u64);
+                message = Some(AgentMessage::Output {
+                    pid,
+                    stream,
+                    offset: next,
+                    data,
+                });
+                break;
+            }
+        }
+        if let Some(message) = message {
+            if sub.owner {
+                proc.trim_for_owner();
+            }
+            if sub.conn.send(message).await.is_err() {
+                proc.unsubscribe(&sub.conn);
+                return;
+            }
+            continue;
+        }
+        let status = proc.status.borrow().clone();
+        if let Some(status) = status {
+            let drained = STREAMS
+                .iter()
+                .all(|s| sub.next[index(*s)].get() >= proc.logs[index(*s)].borrow().end());
+            if drained {
+                let _ = sub.conn.send(AgentMessage::Exited { pid, status }).await;
+                proc.subs.borrow_mut().retain(|s| !Rc::ptr_eq(s, &sub));
+                proc.room.notify_waiters();
+                agent.retire(&proc);
+                return;
+            }
+        }
+        tokio::select! {
+            _ = data => {}
+            _ = credit => {}
         }
     }
 }
@@ -570,23 +881,21 @@ async fn feed_stdin(
     let mut broken: Option<String> = None;
     while let Some(cmd) = queue.recv().await {
         match cmd {
-            StdinCmd::Data(data) => {
+            StdinCmd::Data(data, reply) => {
                 let bytes = data.len() as u64;
                 if broken.is_none()
                     && let Err(err) = fdio::write_all(&fd, &data).await
                 {
                     broken = Some(format!("the process closed its stdin ({err})"));
                 }
-                if let Some(owner) = proc.owner() {
-                    let error = broken.clone();
-                    let _ = owner
-                        .send(AgentMessage::StdinAck {
-                            pid: proc.pid,
-                            bytes,
-                            error,
-                        })
-                        .await;
-                }
+                let error = broken.clone();
+                let _ = reply
+                    .send(AgentMessage::StdinAck {
+                        pid: proc.pid,
+                        bytes,
+                        error,
+                    })
+                    .await;
             }
             StdinCmd::Close => {
                 if is_pty {
@@ -596,5 +905,34 @@ async fn feed_stdin(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_keep_offsets_through_trims_and_drops() {
+        let mut log = OutputLog::new(8, None);
+        assert!(log.append(b"hello", true));
+        assert_eq!((log.start, log.end()), (0, 5));
+        log.append(b" world", true);
+        // Over the cap: the oldest bytes go, offsets stay true.
+        assert_eq!((log.start, log.end()), (3, 11));
+        assert_eq!(log.read(3, 100), b"lo world");
+        log.trim_to(9);
+        assert_eq!(log.read(9, 100), b"ld");
+        assert_eq!(log.produced, 11);
+    }
+
+    #[test]
+    fn logs_cut_at_max_output() {
+        let mut log = OutputLog::new(1024, Some(4));
+        log.append(b"abcdef", false);
+        assert_eq!(log.read(0, 100), b"abcd");
+        assert!(log.truncated);
+        assert!(!log.append(b"more", false));
+        assert_eq!(log.produced, 10);
     }
 }

@@ -163,6 +163,7 @@ async fn a_small_window_loses_nothing() {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
+            ProcessEvent::Dropped { .. } => panic!("a foreground reader must never lose bytes"),
             ProcessEvent::Exited(status) => {
                 assert_eq!(status.code, Some(0));
                 break;
@@ -381,6 +382,7 @@ async fn a_pty_takes_input_and_resizes() {
                 assert_eq!(stream, Stream::Stdout);
                 seen.extend_from_slice(&data);
             }
+            ProcessEvent::Dropped { .. } => panic!("nothing may be dropped"),
             ProcessEvent::Exited(status) => {
                 assert_eq!(status.code, Some(0));
                 break;
@@ -449,4 +451,240 @@ async fn a_bad_peer_gets_an_error_not_a_crash() {
     // With its only connection gone the agent exits cleanly.
     let status = child.wait().unwrap();
     assert!(status.success());
+}
+
+/// An agent listening on a socket, for tests that need several connections.
+struct ListeningAgent {
+    child: Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ListeningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ListeningAgent {
+    fn start() -> ListeningAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_cove-agent"))
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--cwd")
+            .arg("/tmp")
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ListeningAgent {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self) -> AgentClient {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+        AgentClient::connect(stream, "test").await.unwrap()
+    }
+}
+
+fn background(script: &str) -> ProcessSpec {
+    let mut spec = sh(script);
+    spec.background = true;
+    spec
+}
+
+#[tokio::test]
+async fn background_processes_are_attached_to_later() {
+    let agent = ListeningAgent::start();
+    let starter = agent.connect().await;
+    let mut spec = background("echo one; sleep 0.3; echo two >&2; exit 5");
+    spec.tag = Some("job".into());
+    let pid = starter.spawn(spec).await.unwrap().pid();
+    drop(starter);
+    // Another connection finds it, lists it, and reads all of it.
+    let reader = agent.connect().await;
+    let list = reader.list().await.unwrap();
+    let info = list.iter().find(|p| p.pid == pid).expect("listed");
+    assert_eq!(info.tag.as_deref(), Some("job"));
+    assert!(info.background && info.status.is_none());
+    let (mut process, _) = reader.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    let out = process.collect().await.unwrap();
+    assert_eq!(text(&out.stdout), "one\n");
+    assert_eq!(text(&out.stderr), "two\n");
+    assert_eq!(out.status.code, Some(5));
+    // After it finished, a late reader still gets the result and output.
+    let (mut late, info) = reader.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    assert_eq!(info.status.as_ref().and_then(|s| s.code), Some(5));
+    let out = late.collect().await.unwrap();
+    assert_eq!(
+        (text(&out.stdout).as_str(), out.status.code),
+        ("one\n", Some(5))
+    );
+    // Resuming from an offset skips what was read.
+    let (mut resumed, _) = reader.attach(pid, [2, 0], 1 << 20).await.unwrap();
+    assert_eq!(text(&resumed.collect().await.unwrap().stdout), "e\n");
+}
+
+#[tokio::test]
+async fn a_background_process_never_blocks_and_readers_learn_what_they_missed() {
+    let agent = ListeningAgent::start();
+    let client = agent.connect().await;
+    let mut spec = background("head -c 1000000 /dev/zero; echo done >&2");
+    spec.replay_bytes = 65536;
+    let pid = client.spawn(spec).await.unwrap().pid();
+    // Nobody reads while it runs; it must still finish.
+    for _ in 0..500 {
+        let list = client.list().await.unwrap();
+        if list.iter().any(|p| p.pid == pid && p.status.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut process, _) = client.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    let mut dropped = None;
+    let mut kept = 0;
+    loop {
+        match process.next_event().await.unwrap() {
+            ProcessEvent::Dropped { stream, from, to } => dropped = Some((stream, from, to)),
+            ProcessEvent::Output {
+                stream: Stream::Stdout,
+                offset,
+                data,
+            } => {
+                if kept == 0 {
+                    assert_eq!(offset, 1_000_000 - 65536);
+                }
+                kept += data.len();
+            }
+            ProcessEvent::Output { .. } => {}
+            ProcessEvent::Exited(status) => {
+                assert_eq!(status.code, Some(0));
+                assert_eq!(status.stdout_bytes, 1_000_000);
+                break;
+            }
+        }
+    }
+    // The reader was told exactly which bytes it missed, and got the newest.
+    assert_eq!(dropped, Some((Stream::Stdout, 0, 1_000_000 - 65536)));
+    assert_eq!(kept, 65536);
+}
+
+#[tokio::test]
+async fn stdin_of_a_background_process_from_another_connection() {
+    let agent = ListeningAgent::start();
+    let client = agent.connect().await;
+    let mut spec = background("cat");
+    spec.stdin = true;
+    let mut process = client.spawn(spec).await.unwrap();
+    let pid = process.pid();
+    // The spawner keeps the pipe open without writing.
+    process.take_stdin().unwrap().release();
+    let other = agent.connect().await;
+    let mut writer = other.stdin(pid);
+    writer.write_all(b"hello ").await.unwrap();
+    writer.write_all(b"world").await.unwrap();
+    writer.flush().await.unwrap();
+    writer.close().await.unwrap();
+    let (mut reader, _) = other.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    let out = reader.collect().await.unwrap();
+    assert_eq!(text(&out.stdout), "hello world");
+    // Writing to a finished process's stdin is an error, not a hang.
+    let mut late = other.stdin(pid);
+    assert!(late.write_all(b"x").await.and(late.flush().await).is_err());
+}
+
+#[tokio::test]
+async fn a_foreground_process_dies_with_its_connection() {
+    use cove_protocol::{AgentMessage, HostMessage, decode_frame, encode_frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let agent = ListeningAgent::start();
+    // Speak the protocol by hand, so the connection really closes below.
+    let mut stream = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    let hello = HostMessage::Hello(cove_protocol::Hello {
+        version: cove_protocol::PROTOCOL_VERSION,
+        client: "raw".into(),
+    });
+    stream
+        .write_all(&encode_frame(&hello).unwrap())
+        .await
+        .unwrap();
+    let spawn = HostMessage::Spawn {
+        req: 1,
+        spec: sh("sleep 1000 & echo $!; sleep 1000"),
+    };
+    stream
+        .write_all(&encode_frame(&spawn).unwrap())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let grandchild = loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "agent closed early");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut found = None;
+        while let Some((msg, used)) = decode_frame::<AgentMessage>(&buf).unwrap() {
+            buf.drain(..used);
+            if let AgentMessage::Output { data, .. } = msg {
+                found = Some(text(&data).trim().parse::<i32>().unwrap());
+            }
+        }
+        if let Some(pid) = found {
+            break pid;
+        }
+    };
+    drop(stream);
+    for _ in 0..200 {
+        if !alive(grandchild) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the foreground process tree outlived its connection");
+}
+
+#[tokio::test]
+async fn dropping_a_foreground_process_handle_kills_it() {
+    let agent = ListeningAgent::start();
+    let client = agent.connect().await;
+    let mut process = client
+        .spawn(sh("sleep 1000 & echo $!; sleep 1000"))
+        .await
+        .unwrap();
+    let grandchild = match process.next_event().await.unwrap() {
+        ProcessEvent::Output { data, .. } => text(&data).trim().parse::<i32>().unwrap(),
+        other => panic!("expected the background pid, got {other:?}"),
+    };
+    drop(process);
+    for _ in 0..200 {
+        if !alive(grandchild) {
+            client.ping().await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the process outlived its handle");
+}
+
+#[tokio::test]
+async fn attaching_to_an_unknown_process_is_an_error() {
+    let agent = ListeningAgent::start();
+    let client = agent.connect().await;
+    assert!(matches!(
+        client.attach(999_999, [0, 0], 1024).await,
+        Err(ClientError::Agent(_))
+    ));
+    client.ping().await.unwrap();
 }

@@ -215,6 +215,7 @@ async fn drive(
                 let _ = stderr.flush().await;
             }
             Ok(ProcessEvent::Exited(status)) => break status,
+            Ok(ProcessEvent::Dropped { .. }) => {}
             Err(err) => {
                 drop(raw);
                 return Err(Failure::new(format!("lost the sandbox's agent: {err}")));

@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::{
     AgentHello, AgentMessage, DecodeError, ExitStatus, FrameCodec, Hello, HostMessage, MAX_CHUNK,
-    PROTOCOL_VERSION, ProcessSpec, SpawnError, Stream,
+    PROTOCOL_VERSION, ProcessInfo, ProcessSpec, SpawnError, Stream,
 };
 
 /// Most stdin bytes a [`StdinWriter`] leaves unacknowledged.
@@ -47,6 +47,13 @@ pub enum ProcessEvent {
         offset: u64,
         data: Vec<u8>,
     },
+    /// Bytes `from..to` of `stream` were dropped from the replay buffer
+    /// before this reader got them.
+    Dropped {
+        stream: Stream,
+        from: u64,
+        to: u64,
+    },
     Exited(ExitStatus),
 }
 
@@ -58,27 +65,40 @@ pub struct AgentClient {
     hello: Arc<AgentHello>,
 }
 
+type Events = mpsc::UnboundedSender<Result<ProcessEvent, ClientError>>;
+type Acks = mpsc::UnboundedSender<Result<u64, ClientError>>;
+type AttachWaiter = oneshot::Sender<Result<(ProcessRoute, ProcessInfo), ClientError>>;
+
 #[derive(Debug, Default)]
 struct Routes {
     next_req: u32,
     next_nonce: u64,
     pending: HashMap<u32, oneshot::Sender<Result<ProcessRoute, SpawnError>>>,
-    procs: HashMap<u32, RouteTx>,
+    attaching: HashMap<u32, AttachWaiter>,
+    listing: HashMap<u32, oneshot::Sender<Vec<ProcessInfo>>>,
+    procs: HashMap<u32, Events>,
+    acks: HashMap<u32, Acks>,
     pongs: HashMap<u64, oneshot::Sender<()>>,
     closed: Option<String>,
-}
-
-#[derive(Debug)]
-struct RouteTx {
-    events: mpsc::UnboundedSender<Result<ProcessEvent, ClientError>>,
-    acks: mpsc::UnboundedSender<Result<u64, ClientError>>,
 }
 
 #[derive(Debug)]
 struct ProcessRoute {
     pid: u32,
     events: mpsc::UnboundedReceiver<Result<ProcessEvent, ClientError>>,
-    acks: mpsc::UnboundedReceiver<Result<u64, ClientError>>,
+}
+
+impl Routes {
+    fn next_req(&mut self) -> u32 {
+        self.next_req = self.next_req.wrapping_add(1);
+        self.next_req
+    }
+
+    fn open_route(&mut self, pid: u32) -> ProcessRoute {
+        let (tx, events) = mpsc::unbounded_channel();
+        self.procs.insert(pid, tx);
+        ProcessRoute { pid, events }
+    }
 }
 
 fn lock(routes: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
@@ -177,26 +197,27 @@ impl AgentClient {
     pub async fn spawn(&self, spec: ProcessSpec) -> Result<Process, ClientError> {
         let window = spec.window;
         let wants_stdin = spec.stdin;
+        let background = spec.background;
         let (tx, rx) = oneshot::channel();
         let req = {
             let mut routes = lock(&self.shared);
             if let Some(reason) = &routes.closed {
                 return Err(ClientError::Closed(reason.clone()));
             }
-            routes.next_req = routes.next_req.wrapping_add(1);
-            let req = routes.next_req;
+            let req = routes.next_req();
             routes.pending.insert(req, tx);
             req
         };
         self.send(HostMessage::Spawn { req, spec }).await?;
         let route = rx.await.map_err(|_| self.lost())??;
-        let stdin = wants_stdin.then(|| StdinWriter {
-            pid: route.pid,
-            client: self.clone(),
-            acks: route.acks,
-            in_flight: 0,
-            closed: false,
-        });
+        let stdin = if wants_stdin {
+            Some(self.stdin(route.pid))
+        } else {
+            None
+        };
+        if background {
+            lock(&self.shared).procs.remove(&route.pid);
+        }
         Ok(Process {
             pid: route.pid,
             client: self.clone(),
@@ -204,7 +225,83 @@ impl AgentClient {
             stdin,
             window,
             consumed: 0,
+            finished: background,
+            owned: !background,
         })
+    }
+
+    /// Read a running (or recently finished) process's output from the
+    /// given offsets of stdout and stderr. What is still in the agent's
+    /// replay buffer comes first; bytes no longer there are reported as
+    /// [`ProcessEvent::Dropped`].
+    pub async fn attach(
+        &self,
+        pid: u32,
+        from: [u64; 2],
+        window: u64,
+    ) -> Result<(Process, ProcessInfo), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut routes = lock(&self.shared);
+            if let Some(reason) = &routes.closed {
+                return Err(ClientError::Closed(reason.clone()));
+            }
+            routes.attaching.insert(pid, tx);
+        }
+        self.send(HostMessage::Attach {
+            pid,
+            stdout_from: from[0],
+            stderr_from: from[1],
+            window,
+        })
+        .await?;
+        let (route, info) = rx.await.map_err(|_| self.lost())??;
+        let process = Process {
+            pid: route.pid,
+            client: self.clone(),
+            events: route.events,
+            stdin: None,
+            window,
+            consumed: 0,
+            finished: false,
+            owned: false,
+        };
+        Ok((process, info))
+    }
+
+    /// Every running and recently finished process in the sandbox.
+    pub async fn list(&self) -> Result<Vec<ProcessInfo>, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let req = {
+            let mut routes = lock(&self.shared);
+            if let Some(reason) = &routes.closed {
+                return Err(ClientError::Closed(reason.clone()));
+            }
+            let req = routes.next_req();
+            routes.listing.insert(req, tx);
+            req
+        };
+        self.send(HostMessage::ListProcesses { req }).await?;
+        rx.await.map_err(|_| self.lost())
+    }
+
+    /// A writer for a process's stdin (one at a time per process on this
+    /// connection: a new one takes over the acknowledgements).
+    pub fn stdin(&self, pid: u32) -> StdinWriter {
+        let (tx, acks) = mpsc::unbounded_channel();
+        lock(&self.shared).acks.insert(pid, tx);
+        StdinWriter {
+            pid,
+            client: self.clone(),
+            acks,
+            in_flight: 0,
+            closed: false,
+        }
+    }
+
+    /// Close a process's stdin.
+    pub async fn close_stdin(&self, pid: u32) -> Result<(), ClientError> {
+        self.send(HostMessage::CloseStdin { pid }).await
     }
 
     /// Send a signal to a process (and its group when `group`).
@@ -257,25 +354,7 @@ impl AgentClient {
                 let _ = writer.close().await;
             });
         }
-        let mut out = Output::default();
-        loop {
-            match process.next_event().await? {
-                ProcessEvent::Output {
-                    stream: Stream::Stdout,
-                    data,
-                    ..
-                } => out.stdout.extend_from_slice(&data),
-                ProcessEvent::Output {
-                    stream: Stream::Stderr,
-                    data,
-                    ..
-                } => out.stderr.extend_from_slice(&data),
-                ProcessEvent::Exited(status) => {
-                    out.status = status;
-                    return Ok(out);
-                }
-            }
-        }
+        process.collect().await
     }
 }
 
@@ -291,22 +370,20 @@ fn route(routes: &Mutex<Routes>, msg: AgentMessage) {
     let mut routes = lock(routes);
     match msg {
         AgentMessage::Spawned { req, pid } => {
-            let (events_tx, events) = mpsc::unbounded_channel();
-            let (acks_tx, acks) = mpsc::unbounded_channel();
             if let Some(waiter) = routes.pending.remove(&req) {
-                routes.procs.insert(
-                    pid,
-                    RouteTx {
-                        events: events_tx,
-                        acks: acks_tx,
-                    },
-                );
-                let _ = waiter.send(Ok(ProcessRoute { pid, events, acks }));
+                let route = routes.open_route(pid);
+                let _ = waiter.send(Ok(route));
             }
         }
         AgentMessage::SpawnFailed { req, error } => {
             if let Some(waiter) = routes.pending.remove(&req) {
                 let _ = waiter.send(Err(error));
+            }
+        }
+        AgentMessage::Attached { pid, info } => {
+            if let Some(waiter) = routes.attaching.remove(&pid) {
+                let route = routes.open_route(pid);
+                let _ = waiter.send(Ok((route, info)));
             }
         }
         AgentMessage::Output {
@@ -315,37 +392,53 @@ fn route(routes: &Mutex<Routes>, msg: AgentMessage) {
             offset,
             data,
         } => {
-            if let Some(proc) = routes.procs.get(&pid) {
-                let _ = proc.events.send(Ok(ProcessEvent::Output {
+            if let Some(events) = routes.procs.get(&pid) {
+                let _ = events.send(Ok(ProcessEvent::Output {
                     stream,
                     offset,
                     data,
                 }));
             }
         }
+        AgentMessage::Dropped {
+            pid,
+            stream,
+            from,
+            to,
+        } => {
+            if let Some(events) = routes.procs.get(&pid) {
+                let _ = events.send(Ok(ProcessEvent::Dropped { stream, from, to }));
+            }
+        }
         AgentMessage::StdinAck { pid, bytes, error } => {
-            if let Some(proc) = routes.procs.get(&pid) {
+            if let Some(acks) = routes.acks.get(&pid) {
                 let ack = match error {
                     Some(err) => Err(ClientError::Agent(err)),
                     None => Ok(bytes),
                 };
-                let _ = proc.acks.send(ack);
+                let _ = acks.send(ack);
             }
         }
         AgentMessage::Exited { pid, status } => {
-            if let Some(proc) = routes.procs.remove(&pid) {
-                let _ = proc.events.send(Ok(ProcessEvent::Exited(status)));
-                let _ = proc
-                    .acks
-                    .send(Err(ClientError::Agent("the process has exited".into())));
+            if let Some(events) = routes.procs.remove(&pid) {
+                let _ = events.send(Ok(ProcessEvent::Exited(status)));
+            }
+        }
+        AgentMessage::Processes { req, list } => {
+            if let Some(waiter) = routes.listing.remove(&req) {
+                let _ = waiter.send(list);
             }
         }
         AgentMessage::Error {
             pid: Some(pid),
             message,
         } => {
-            if let Some(proc) = routes.procs.get(&pid) {
-                let _ = proc.acks.send(Err(ClientError::Agent(message)));
+            if let Some(waiter) = routes.attaching.remove(&pid) {
+                let _ = waiter.send(Err(ClientError::Agent(message)));
+            } else if let Some(acks) = routes.acks.get(&pid) {
+                let _ = acks.send(Err(ClientError::Agent(message)));
+            } else {
+                tracing::debug!(pid, %message, "agent error about a process nobody waits for");
             }
         }
         AgentMessage::Error { pid: None, message } => {
@@ -362,11 +455,17 @@ fn route(routes: &Mutex<Routes>, msg: AgentMessage) {
 
 fn close_all(routes: &Mutex<Routes>, reason: String) {
     let mut routes = lock(routes);
-    for (_, proc) in routes.procs.drain() {
-        let _ = proc.events.send(Err(ClientError::Closed(reason.clone())));
-        let _ = proc.acks.send(Err(ClientError::Closed(reason.clone())));
+    for (_, events) in routes.procs.drain() {
+        let _ = events.send(Err(ClientError::Closed(reason.clone())));
+    }
+    for (_, acks) in routes.acks.drain() {
+        let _ = acks.send(Err(ClientError::Closed(reason.clone())));
+    }
+    for (_, waiter) in routes.attaching.drain() {
+        let _ = waiter.send(Err(ClientError::Closed(reason.clone())));
     }
     routes.pending.clear();
+    routes.listing.clear();
     routes.pongs.clear();
     routes.closed = Some(reason);
 }
@@ -380,6 +479,10 @@ pub struct Process {
     stdin: Option<StdinWriter>,
     window: u64,
     consumed: u64,
+    /// Exited was seen (or nothing will ever be read: background spawn).
+    finished: bool,
+    /// This connection spawned it in the foreground: it dies unobserved.
+    owned: bool,
 }
 
 impl Process {
@@ -396,10 +499,19 @@ impl Process {
     /// The next output chunk or the exit. Consuming output returns credit to
     /// the agent so it keeps sending.
     pub async fn next_event(&mut self) -> Result<ProcessEvent, ClientError> {
+        if self.finished {
+            return Err(ClientError::Agent(format!(
+                "nothing more to read from process {}",
+                self.pid
+            )));
+        }
         let event = match self.events.recv().await {
             Some(event) => event?,
             None => return Err(self.client.lost()),
         };
+        if matches!(event, ProcessEvent::Exited(_)) {
+            self.finished = true;
+        }
         if let ProcessEvent::Output { data, .. } = &event {
             self.consumed += data.len() as u64;
             if self.consumed >= self.window / 2 {
@@ -415,6 +527,41 @@ impl Process {
         Ok(event)
     }
 
+    /// Read everything up to the exit. Bytes the replay buffer dropped
+    /// before they were read mark their stream as truncated.
+    pub async fn collect(&mut self) -> Result<Output, ClientError> {
+        let mut out = Output::default();
+        let (mut dropped_out, mut dropped_err) = (false, false);
+        loop {
+            match self.next_event().await? {
+                ProcessEvent::Output {
+                    stream: Stream::Stdout,
+                    data,
+                    ..
+                } => out.stdout.extend_from_slice(&data),
+                ProcessEvent::Output {
+                    stream: Stream::Stderr,
+                    data,
+                    ..
+                } => out.stderr.extend_from_slice(&data),
+                ProcessEvent::Dropped {
+                    stream: Stream::Stdout,
+                    ..
+                } => dropped_out = true,
+                ProcessEvent::Dropped {
+                    stream: Stream::Stderr,
+                    ..
+                } => dropped_err = true,
+                ProcessEvent::Exited(status) => {
+                    out.status = status;
+                    out.status.stdout_truncated |= dropped_out;
+                    out.status.stderr_truncated |= dropped_err;
+                    return Ok(out);
+                }
+            }
+        }
+    }
+
     /// Send a signal to the process (and its process group when `group`).
     pub async fn signal(&self, signal: i32, group: bool) -> Result<(), ClientError> {
         self.client.signal(self.pid, signal, group).await
@@ -423,6 +570,23 @@ impl Process {
     /// Resize the process's terminal.
     pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
         self.client.resize(self.pid, rows, cols).await
+    }
+}
+
+/// Dropping an unfinished foreground process kills it and everything it
+/// started (nobody could read its result any more); dropping a reader of
+/// an attached process only stops the reading.
+impl Drop for Process {
+    fn drop(&mut self) {
+        if !self.finished {
+            lock(&self.client.shared).procs.remove(&self.pid);
+            let msg = if self.owned {
+                HostMessage::Kill { pid: self.pid }
+            } else {
+                HostMessage::Detach { pid: self.pid }
+            };
+            let _ = self.client.outbound.try_send(msg);
+        }
     }
 }
 
@@ -479,6 +643,14 @@ impl StdinWriter {
         self.client
             .send(HostMessage::CloseStdin { pid: self.pid })
             .await
+    }
+}
+
+impl StdinWriter {
+    /// Stop writing without closing the process's stdin (it stays open for
+    /// a later writer).
+    pub fn release(mut self) {
+        self.closed = true;
     }
 }
 

@@ -89,6 +89,24 @@ pub enum HostMessage {
     Kill {
         pid: u32,
     },
+    /// Subscribe this connection to a process's output from the given
+    /// offsets (what is still in the replay buffer is sent first). Answered
+    /// with `Attached`, then `Output`/`Dropped` within `window` credit, then
+    /// `Exited`. Replaces an earlier subscription of this connection.
+    Attach {
+        pid: u32,
+        stdout_from: u64,
+        stderr_from: u64,
+        window: u64,
+    },
+    /// End this connection's subscription to a process.
+    Detach {
+        pid: u32,
+    },
+    /// List running and recently finished processes.
+    ListProcesses {
+        req: u32,
+    },
 }
 
 /// Messages the agent sends to the host. Same ordering rule as [`HostMessage`].
@@ -132,6 +150,24 @@ pub enum AgentMessage {
     Pong {
         nonce: u64,
     },
+    /// Answer to `Attach`.
+    Attached {
+        pid: u32,
+        info: ProcessInfo,
+    },
+    /// Bytes `from..to` of a stream were overwritten in the replay buffer
+    /// before this connection read them.
+    Dropped {
+        pid: u32,
+        stream: Stream,
+        from: u64,
+        to: u64,
+    },
+    /// Answer to `ListProcesses`.
+    Processes {
+        req: u32,
+        list: Vec<ProcessInfo>,
+    },
 }
 
 /// The host's greeting.
@@ -174,7 +210,21 @@ pub struct ProcessSpec {
     pub pty: Option<PtySize>,
     /// Initial output credit in bytes.
     pub window: u64,
+    /// Run detached: nobody owns the output, which goes to the replay
+    /// buffer only (attach to read it), and the process never blocks on a
+    /// reader. Otherwise the spawning connection owns the output, reads it
+    /// with back-pressure, and the process is killed if that connection
+    /// closes before it ends.
+    pub background: bool,
+    /// Bytes of each stream the agent keeps for late readers (background)
+    /// or buffers ahead of a slow owner (foreground).
+    pub replay_bytes: u64,
+    /// A label shown in the process list.
+    pub tag: Option<String>,
 }
+
+/// Default replay buffer of a background process, per stream.
+pub const DEFAULT_REPLAY: u64 = 4 * 1024 * 1024;
 
 impl ProcessSpec {
     /// A spec with defaults for everything but the command.
@@ -190,6 +240,9 @@ impl ProcessSpec {
             max_output: None,
             pty: None,
             window: DEFAULT_WINDOW,
+            background: false,
+            replay_bytes: DEFAULT_REPLAY,
+            tag: None,
         }
     }
 }
@@ -230,6 +283,25 @@ impl Stream {
             Stream::Stderr => "stderr",
         }
     }
+}
+
+/// A process as the agent lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub argv: Vec<String>,
+    pub tag: Option<String>,
+    pub background: bool,
+    pub pty: bool,
+    /// Whether its stdin pipe is still open for `Stdin` frames.
+    pub stdin_open: bool,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    /// Set once the process has exited.
+    pub status: Option<ExitStatus>,
+    /// Bytes produced on stdout and stderr so far.
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
 }
 
 /// Why a process could not be started.

@@ -39,6 +39,9 @@ fn arb_spec() -> impl Strategy<Value = ProcessSpec> {
                 max_output,
                 pty,
                 window: 4096,
+                background: false,
+                replay_bytes: 1 << 20,
+                tag: None,
             },
         )
 }

@@ -3,8 +3,8 @@
 
 use base64::Engine as _;
 use cove_api::{Encoding, ErrorCode, ExecRequest, ExecResult};
-use cove_protocol::client::{AgentClient, ClientError, Output, ProcessEvent};
-use cove_protocol::{CommandLine, ProcessSpec, PtySize, SpawnErrorKind, Stream};
+use cove_protocol::client::{AgentClient, ClientError, Output};
+use cove_protocol::{CommandLine, ProcessSpec, PtySize, SpawnErrorKind};
 
 use crate::error::ApiError;
 
@@ -152,26 +152,9 @@ pub async fn run(
             let _ = writer.close().await;
         });
     }
-    let mut out = Output::default();
-    loop {
-        match process.next_event().await.map_err(client_error)? {
-            ProcessEvent::Output {
-                stream: Stream::Stdout,
-                data,
-                ..
-            } => out.stdout.extend_from_slice(&data),
-            ProcessEvent::Output {
-                stream: Stream::Stderr,
-                data,
-                ..
-            } => out.stderr.extend_from_slice(&data),
-            ProcessEvent::Exited(status) => {
-                out.status = status;
-                guard.disarm();
-                return Ok(out);
-            }
-        }
-    }
+    let out = process.collect().await.map_err(client_error)?;
+    guard.disarm();
+    Ok(out)
 }
 
 /// Encode bytes for JSON; returns the text and whether bytes were replaced.
