@@ -345,8 +345,9 @@ impl Agent {
                 stdout_from,
                 stderr_from,
                 window,
+                backpressure,
             } => {
-                self.attach(tx, pid, [stdout_from, stderr_from], window)
+                self.attach(tx, pid, [stdout_from, stderr_from], window, backpressure)
                     .await;
             }
             HostMessage::Detach { pid } => {

@@ -88,7 +88,9 @@ impl OutputLog {
     }
 
     /// Append what the process wrote; returns whether anything was kept.
-    fn append(&mut self, data: &[u8], may_drop: bool) -> bool {
+    /// The log then keeps its newest `cap` bytes, except that nothing at or
+    /// after `floor` (what a holding reader has not read) is ever dropped.
+    fn append(&mut self, data: &[u8], floor: Option<u64>) -> bool {
         self.produced += data.len() as u64;
         let keep = match self.limit {
             Some(limit) => (limit.saturating_sub(self.end())).min(data.len() as u64) as usize,
@@ -98,20 +100,23 @@ impl OutputLog {
             self.truncated = true;
         }
         self.buf.extend(&data[..keep]);
-        if may_drop && self.buf.len() > self.cap {
-            self.trim_to(self.end() - self.cap as u64);
+        if self.buf.len() > self.cap {
+            let oldest_kept = self.end() - self.cap as u64;
+            self.trim_to(floor.map_or(oldest_kept, |f| f.min(oldest_kept)));
         }
         keep > 0
     }
 
-    /// How much a pump may read while an owner applies back-pressure, or
-    /// `None` when the log is full. Bytes past `max_output` are discarded,
-    /// so they need no room.
-    fn room(&self) -> Option<usize> {
+    /// How much a pump may read while a reader holds the process back
+    /// (`floor` is what that reader has not read yet), or `None` when the
+    /// reader is a full buffer behind. Bytes past `max_output` are
+    /// discarded, so they need no room.
+    fn room(&self, floor: u64) -> Option<usize> {
         if self.limit.is_some_and(|l| self.end() >= l) {
             return Some(MAX_CHUNK);
         }
-        let free = self.cap.saturating_sub(self.buf.len());
+        let unread = self.end().saturating_sub(floor) as usize;
+        let free = self.cap.saturating_sub(unread);
         (free > 0).then(|| free.min(MAX_CHUNK))
     }
 
@@ -134,8 +139,11 @@ struct Subscription {
     conn: ConnTx,
     next: [Cell<u64>; 2],
     credit: Cell<u64>,
-    /// The spawning connection of a foreground process.
+    /// The spawning connection of a foreground process: the process dies
+    /// if it leaves.
     owner: bool,
+    /// The process waits for this reader rather than drop what it has not read.
+    backpressure: bool,
     changed: Notify,
     detached: Cell<bool>,
 }
@@ -190,8 +198,14 @@ impl Proc {
         self.status.borrow().is_some()
     }
 
-    fn has_owner(&self) -> bool {
-        self.subs.borrow().iter().any(|s| s.owner)
+    /// The oldest offset of stream `i` some holding reader still needs.
+    fn floor(&self, i: usize) -> Option<u64> {
+        self.subs
+            .borrow()
+            .iter()
+            .filter(|s| s.backpressure)
+            .map(|s| s.next[i].get())
+            .min()
     }
 
     pub(crate) fn info(&self) -> ProcessInfo {
@@ -280,23 +294,6 @@ impl Proc {
             Some(master) => fdio::set_winsize(master, rows, cols),
             None => Err(std::io::Error::other("the process has no terminal")),
         }
-    }
-
-    /// After the owner read, forget what every owner has read.
-    fn trim_for_owner(&self) {
-        let subs = self.subs.borrow();
-        for stream in STREAMS {
-            let i = index(stream);
-            if let Some(min) = subs
-                .iter()
-                .filter(|s| s.owner)
-                .map(|s| s.next[i].get())
-                .min()
-            {
-                self.logs[i].borrow_mut().trim_to(min);
-            }
-        }
-        self.room.notify_waiters();
     }
 }
 
@@ -519,6 +516,7 @@ impl Agent {
                 next: [Cell::new(0), Cell::new(0)],
                 credit: Cell::new(spec.window),
                 owner: true,
+                backpressure: true,
                 changed: Notify::new(),
                 detached: Cell::new(false),
             })]
@@ -684,6 +682,7 @@ impl Agent {
         pid: u32,
         from: [u64; 2],
         window: u64,
+        backpressure: bool,
     ) {
         let Some(proc) = self.proc(pid) else {
             let message = format!("no process {pid} (it never ran here, or finished too long ago)");
@@ -701,6 +700,7 @@ impl Agent {
             next: [Cell::new(from[0]), Cell::new(from[1])],
             credit: Cell::new(window),
             owner: false,
+            backpressure: backpressure && !proc.has_exited(),
             changed: Notify::new(),
             detached: Cell::new(false),
         });
@@ -743,15 +743,16 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
     let mut exited = proc.exited.subscribe();
     let mut buf = vec![0u8; MAX_CHUNK];
     loop {
-        // With an owner, read only while the log has room: back-pressure.
+        // With a holding reader, read only while it is less than a full
+        // buffer behind.
         let want = loop {
             let room = proc.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if !proc.has_owner() {
+            let Some(floor) = proc.floor(i) else {
                 break MAX_CHUNK;
-            }
-            if let Some(want) = proc.logs[i].borrow().room() {
+            };
+            if let Some(want) = proc.logs[i].borrow().room(floor) {
                 break want;
             }
             room.await;
@@ -774,8 +775,8 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let may_drop = !proc.has_owner();
-        if proc.logs[i].borrow_mut().append(&buf[..n], may_drop) {
+        let floor = proc.floor(i);
+        if proc.logs[i].borrow_mut().append(&buf[..n], floor) {
             proc.data.notify_waiters();
         }
     }
@@ -836,8 +837,8 @@ async fn deliver(agent: Rc<Agent>, proc: Rc<Proc>, sub: Rc<Subscription>) {
             }
         }
         if let Some(message) = message {
-            if sub.owner {
-                proc.trim_for_owner();
+            if sub.backpressure {
+                proc.room.notify_waiters();
             }
             if sub.conn.send(message).await.is_err() {
                 proc.unsubscribe(&sub.conn);
@@ -915,9 +916,9 @@ mod tests {
     #[test]
     fn logs_keep_offsets_through_trims_and_drops() {
         let mut log = OutputLog::new(8, None);
-        assert!(log.append(b"hello", true));
+        assert!(log.append(b"hello", None));
         assert_eq!((log.start, log.end()), (0, 5));
-        log.append(b" world", true);
+        log.append(b" world", None);
         // Over the cap: the oldest bytes go, offsets stay true.
         assert_eq!((log.start, log.end()), (3, 11));
         assert_eq!(log.read(3, 100), b"lo world");
@@ -927,12 +928,23 @@ mod tests {
     }
 
     #[test]
+    fn a_holding_reader_keeps_what_it_has_not_read() {
+        let mut log = OutputLog::new(4, None);
+        log.append(b"abcd", Some(0));
+        assert_eq!(log.room(0), None, "a full buffer ahead of the reader");
+        assert_eq!(log.room(2), Some(2));
+        log.append(b"ef", Some(2));
+        // Read bytes go first; the unread ones stay.
+        assert_eq!((log.start, log.read(2, 10)), (2, b"cdef".to_vec()));
+    }
+
+    #[test]
     fn logs_cut_at_max_output() {
         let mut log = OutputLog::new(1024, Some(4));
-        log.append(b"abcdef", false);
+        log.append(b"abcdef", Some(0));
         assert_eq!(log.read(0, 100), b"abcd");
         assert!(log.truncated);
-        assert!(!log.append(b"more", false));
+        assert!(!log.append(b"more", Some(0)));
         assert_eq!(log.produced, 10);
     }
 }

@@ -517,13 +517,13 @@ async fn background_processes_are_attached_to_later() {
     let info = list.iter().find(|p| p.pid == pid).expect("listed");
     assert_eq!(info.tag.as_deref(), Some("job"));
     assert!(info.background && info.status.is_none());
-    let (mut process, _) = reader.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    let (mut process, _) = reader.attach(pid, [0, 0], 1 << 20, false).await.unwrap();
     let out = process.collect().await.unwrap();
     assert_eq!(text(&out.stdout), "one\n");
     assert_eq!(text(&out.stderr), "two\n");
     assert_eq!(out.status.code, Some(5));
     // After it finished, a late reader still gets the result and output.
-    let (mut late, info) = reader.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    let (mut late, info) = reader.attach(pid, [0, 0], 1 << 20, false).await.unwrap();
     assert_eq!(info.status.as_ref().and_then(|s| s.code), Some(5));
     let out = late.collect().await.unwrap();
     assert_eq!(
@@ -531,7 +531,7 @@ async fn background_processes_are_attached_to_later() {
         ("one\n", Some(5))
     );
     // Resuming from an offset skips what was read.
-    let (mut resumed, _) = reader.attach(pid, [2, 0], 1 << 20).await.unwrap();
+    let (mut resumed, _) = reader.attach(pid, [2, 0], 1 << 20, false).await.unwrap();
     assert_eq!(text(&resumed.collect().await.unwrap().stdout), "e\n");
 }
 
@@ -550,7 +550,7 @@ async fn a_background_process_never_blocks_and_readers_learn_what_they_missed() 
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (mut process, _) = client.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    let (mut process, _) = client.attach(pid, [0, 0], 1 << 20, false).await.unwrap();
     let mut dropped = None;
     let mut kept = 0;
     loop {
@@ -595,7 +595,7 @@ async fn stdin_of_a_background_process_from_another_connection() {
     writer.write_all(b"world").await.unwrap();
     writer.flush().await.unwrap();
     writer.close().await.unwrap();
-    let (mut reader, _) = other.attach(pid, [0, 0], 1 << 20).await.unwrap();
+    let (mut reader, _) = other.attach(pid, [0, 0], 1 << 20, false).await.unwrap();
     let out = reader.collect().await.unwrap();
     assert_eq!(text(&out.stdout), "hello world");
     // Writing to a finished process's stdin is an error, not a hang.
@@ -683,7 +683,7 @@ async fn attaching_to_an_unknown_process_is_an_error() {
     let agent = ListeningAgent::start();
     let client = agent.connect().await;
     assert!(matches!(
-        client.attach(999_999, [0, 0], 1024).await,
+        client.attach(999_999, [0, 0], 1024, false).await,
         Err(ClientError::Agent(_))
     ));
     client.ping().await.unwrap();

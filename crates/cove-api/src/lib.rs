@@ -10,7 +10,10 @@ pub mod units;
 pub mod values;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
-pub use exec::{Encoding, ExecRequest, ExecResult, PtyRequest};
+pub use exec::{
+    Encoding, ExecRequest, ExecResult, ExitInfo, ProcessInfo, ProcessList, PtyRequest,
+    SignalRequest, Started, StdinWritten, parse_signal,
+};
 pub use keys::{CreateKeyRequest, KeyCreated, KeyInfo, KeyList, Scope};
 pub use sandbox::{
     CreateSandboxRequest, Limits, Sandbox, SandboxList, SandboxState, SetTimeoutRequest,

@@ -71,7 +71,6 @@ enum Command {
     /// Create a sandbox through the daemon and print its ID.
     Create(remote::CreateArgs),
     /// List sandboxes.
-    #[command(alias = "ps")]
     Ls {
         /// Include stopped and failed sandboxes.
         #[arg(short, long)]
@@ -87,6 +86,22 @@ enum Command {
     Inspect { id: String },
     /// Run a command in a sandbox; exits with the command's exit code.
     Exec(remote::ExecArgs),
+    /// List the processes of a sandbox.
+    Ps { id: String },
+    /// Print a process's output (-f: follow it until it exits).
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        id: String,
+        pid: u32,
+    },
+    /// Send a signal to a process and its group (default TERM).
+    Kill {
+        id: String,
+        pid: u32,
+        #[arg(short, long, default_value = "TERM")]
+        signal: String,
+    },
     /// Destroy sandboxes.
     Rm {
         #[arg(required = true)]
@@ -153,6 +168,9 @@ fn main() {
         Command::Ls { all, state, labels } => remote::ls(remote, all, state, labels),
         Command::Inspect { id } => remote::inspect(remote, &id),
         Command::Exec(args) => remote::exec(remote, args),
+        Command::Ps { id } => remote::ps(remote, &id),
+        Command::Logs { follow, id, pid } => remote::logs(remote, &id, pid, follow),
+        Command::Kill { id, pid, signal } => remote::kill(remote, &id, pid, &signal),
         Command::Rm { ids } => remote::rm(remote, &ids),
         Command::Pause { ids } => remote::pause(remote, &ids, false),
         Command::Resume { ids } => remote::pause(remote, &ids, true),

@@ -3,13 +3,12 @@
 //! to the local daemon and its admin key file.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use cove_client::Client;
 use cove_client::api::{
-    CreateKeyRequest, CreateSandboxRequest, DurationValue, Encoding, ExecRequest, Sandbox, Scope,
-    SizeValue,
+    CreateKeyRequest, CreateSandboxRequest, DurationValue, ExecRequest, Sandbox, Scope, SizeValue,
 };
 
 use crate::run::parse_env;
@@ -93,6 +92,18 @@ pub struct ExecArgs {
     /// Run this string with /bin/sh -c instead of CMD.
     #[arg(long, value_name = "SCRIPT", conflicts_with = "command")]
     pub shell: Option<String>,
+    /// Start in the background and print the process ID.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Pass stdin to the command (implied when stdin is not a terminal).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the command a terminal (with -i: an interactive shell).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// A label for the process, shown by `cove ps`.
+    #[arg(long)]
+    pub tag: Option<String>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -295,12 +306,16 @@ pub fn pause(remote: &Remote, ids: &[String], resume: bool) -> Result<ExitCode, 
 }
 
 pub fn exec(remote: &Remote, args: ExecArgs) -> Result<ExitCode, Failure> {
+    let stdin_is_tty = std::io::stdin().is_terminal();
+    let forward_stdin = args.interactive || (!stdin_is_tty && !args.detach);
     let mut req = ExecRequest {
         env: args.env.into_iter().collect(),
         cwd: args.workdir,
         user: args.user,
         timeout: args.timeout.map(DurationValue),
-        encoding: Encoding::Base64,
+        tag: args.tag,
+        background: true,
+        stdin_open: forward_stdin,
         ..ExecRequest::default()
     };
     match (args.shell, args.command.is_empty()) {
@@ -312,34 +327,240 @@ pub fn exec(remote: &Remote, args: ExecArgs) -> Result<ExitCode, Failure> {
             ));
         }
     }
-    if !std::io::stdin().is_terminal() {
-        let mut input = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut input)
-            .map_err(|e| Failure::new(format!("reading stdin: {e}")))?;
-        if !input.is_empty() {
-            use base64::Engine as _;
-            req.stdin = Some(base64::engine::general_purpose::STANDARD.encode(input));
+    if args.tty {
+        let (rows, cols) = crate::tty::size().unwrap_or((24, 80));
+        req.pty = Some(cove_client::api::PtyRequest { rows, cols });
+    }
+    let client = remote.client();
+    let rt = runtime()?;
+    let pid = rt
+        .block_on(client.exec_background(&args.id, &req))
+        .map_err(fail)?;
+    if args.detach {
+        println!("{pid}");
+        return Ok(ExitCode(0));
+    }
+    let raw = if args.tty && stdin_is_tty {
+        crate::tty::RawMode::enable()
+    } else {
+        None
+    };
+    let code = rt.block_on(interact(&client, &args.id, pid, forward_stdin, args.tty));
+    drop(raw);
+    // The stdin reader may be blocked on a terminal read forever: do not
+    // wait for it.
+    rt.shutdown_background();
+    code
+}
+
+/// Attach to a process: stdin in, output out, signals and window size
+/// passed on, until it exits. Returns its exit code.
+async fn interact(
+    client: &Client,
+    id: &str,
+    pid: u32,
+    forward_stdin: bool,
+    tty: bool,
+) -> Result<ExitCode, Failure> {
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::signal::unix::{SignalKind, signal};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let socket = client.attach(id, pid).await.map_err(fail)?;
+    let (mut sink, mut source) = socket.split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(16);
+    tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            if sink.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    if forward_stdin {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx
+                            .send(Message::Binary(buf[..n].to_vec().into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = tx
+                .send(Message::Text(r#"{"type":"close_stdin"}"#.into()))
+                .await;
+        });
+    }
+    let mut kinds = vec![
+        (SignalKind::terminate(), "TERM"),
+        (SignalKind::hangup(), "HUP"),
+    ];
+    if !tty {
+        // On a terminal ^C and ^\ travel as bytes to the sandbox's terminal.
+        kinds.push((SignalKind::interrupt(), "INT"));
+        kinds.push((SignalKind::quit(), "QUIT"));
+    }
+    for (kind, name) in kinds {
+        let Ok(mut stream) = signal(kind) else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                let text = format!(r#"{{"type":"signal","signal":"{name}"}}"#);
+                let _ = tx.send(Message::Text(text.into())).await;
+            }
+        });
+    }
+    if tty && let Ok(mut winch) = signal(SignalKind::window_change()) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                if let Some((rows, cols)) = crate::tty::size() {
+                    let text = format!(r#"{{"type":"resize","rows":{rows},"cols":{cols}}}"#);
+                    let _ = tx.send(Message::Text(text.into())).await;
+                }
+            }
+        });
+    }
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    while let Some(message) = source.next().await {
+        match message {
+            Ok(Message::Binary(frame)) if !frame.is_empty() => {
+                let (stream, data) = (frame[0], &frame[1..]);
+                if stream == 2 {
+                    let _ = stderr.write_all(data).await;
+                    let _ = stderr.flush().await;
+                } else {
+                    let _ = stdout.write_all(data).await;
+                    let _ = stdout.flush().await;
+                }
+            }
+            Ok(Message::Text(text)) => {
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                match value["type"].as_str() {
+                    Some("exit") => {
+                        if value["timed_out"] == true {
+                            eprintln!("cove: the command timed out and was killed");
+                        }
+                        if value["oom_killed"] == true {
+                            eprintln!("cove: the command was killed: out of memory");
+                        }
+                        return Ok(ExitCode(value["exit_code"].as_i64().unwrap_or(1) as i32));
+                    }
+                    Some("dropped") => eprintln!("cove: some output was lost: {text}"),
+                    Some("error") => {
+                        return Err(Failure::new(format!(
+                            "lost the process: {}",
+                            value["message"]
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
         }
     }
-    let result = runtime()?
-        .block_on(remote.client().exec(&args.id, &req))
+    Err(Failure::new(format!(
+        "the connection to process {pid} closed before it exited; it may still run (`cove ps {id}`)"
+    )))
+}
+
+pub fn ps(remote: &Remote, id: &str) -> Result<ExitCode, Failure> {
+    let list = runtime()?
+        .block_on(remote.client().processes(id))
         .map_err(fail)?;
-    use base64::Engine as _;
-    let decode = |s: &str| {
-        base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .unwrap_or_default()
-    };
-    let _ = std::io::stdout().write_all(&decode(&result.stdout));
-    let _ = std::io::stderr().write_all(&decode(&result.stderr));
-    if result.timed_out {
-        eprintln!("cove: the command timed out and was killed");
+    if remote.json {
+        print_json(&list.processes)?;
+        return Ok(ExitCode(0));
     }
-    if result.oom_killed {
-        eprintln!("cove: the command was killed: out of memory");
+    println!(
+        "{:<8} {:<8} {:<6} {:<12} {:<20} COMMAND",
+        "PID", "STATE", "EXIT", "TAG", "STARTED"
+    );
+    for p in list.processes {
+        let exit = p
+            .exit
+            .as_ref()
+            .map(|e| e.exit_code.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<8} {:<8} {:<6} {:<12} {:<20} {}",
+            p.pid,
+            p.state,
+            exit,
+            p.tag.as_deref().unwrap_or("-"),
+            ago(&p.started_at),
+            p.argv.join(" ")
+        );
     }
-    Ok(ExitCode(result.exit_code))
+    Ok(ExitCode(0))
+}
+
+pub fn logs(remote: &Remote, id: &str, pid: u32, follow: bool) -> Result<ExitCode, Failure> {
+    use cove_client::process::StreamEvent;
+    use futures::StreamExt;
+    let client = remote.client();
+    let rt = runtime()?;
+    rt.block_on(async {
+        // Without -f, stop at what the process had written when we asked.
+        let info = client.process(id, pid).await.map_err(fail)?;
+        let until = [info.stdout_bytes, info.stderr_bytes];
+        let events = client.stream_process(id, pid, [0, 0]).await.map_err(fail)?;
+        futures::pin_mut!(events);
+        let mut seen = [0u64, 0u64];
+        while let Some(item) = events.next().await {
+            let (event, _) = item.map_err(fail)?;
+            match event {
+                StreamEvent::Output {
+                    stream,
+                    offset,
+                    data,
+                } => {
+                    let i = usize::from(stream == "stderr");
+                    seen[i] = offset + data.len() as u64;
+                    if i == 1 {
+                        let _ = std::io::stderr().write_all(&data);
+                    } else {
+                        let _ = std::io::stdout().write_all(&data);
+                        let _ = std::io::stdout().flush();
+                    }
+                }
+                StreamEvent::Dropped { stream, from, to } => {
+                    eprintln!(
+                        "cove: {} bytes {from}..{to} of {stream} are no longer kept",
+                        to - from
+                    );
+                    seen[usize::from(stream == "stderr")] = to;
+                }
+                StreamEvent::Exit(_) | StreamEvent::Error(_) => break,
+                StreamEvent::Start { .. } => {}
+            }
+            if !follow && seen[0] >= until[0] && seen[1] >= until[1] {
+                break;
+            }
+        }
+        Ok(ExitCode(0))
+    })
+}
+
+pub fn kill(remote: &Remote, id: &str, pid: u32, signal: &str) -> Result<ExitCode, Failure> {
+    runtime()?
+        .block_on(remote.client().signal(id, pid, signal))
+        .map_err(fail)?;
+    Ok(ExitCode(0))
 }
 
 pub fn keys(remote: &Remote, command: KeysCommand) -> Result<ExitCode, Failure> {

@@ -141,7 +141,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::new(format!("cannot start the runtime: {e}")))
-        .and_then(|rt| rt.block_on(drive(connection, spec, args.tty, args.timeout, args.memory)));
+        .and_then(|rt| {
+            let outcome = rt.block_on(drive(connection, spec, args.tty, args.timeout, args.memory));
+            // The stdin reader may be blocked on a terminal read forever:
+            // do not wait for it.
+            rt.shutdown_background();
+            outcome
+        });
     let destroyed = sandbox.destroy();
     let code = outcome?;
     if let Err(err) = destroyed {

@@ -333,6 +333,15 @@ fn large_and_binary_output_arrives_intact() {
     assert_eq!(String::from_utf8_lossy(&digest.stdout), stderr(&out));
 }
 
+/// A `sleep` with this argument runs (not merely a command line naming it).
+fn host_has_sleep(arg: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "sleep")
+            && std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(arg))
+    })
+}
+
 fn host_has_process_with(arg: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
         std::fs::read(e.path().join("cmdline"))
@@ -399,7 +408,7 @@ fn a_fork_bomb_hits_the_pids_limit_and_the_host_is_fine() {
         "--",
         "sh",
         "-c",
-        "f() { f | f & }; f; sleep 10",
+        "(f() { f | f & }; f) & exec sleep 10",
     ]);
     assert_eq!(code(&out), 124, "{}", stderr(&out));
     // The host can still start processes, and the bomb left nothing running.
@@ -434,7 +443,7 @@ fn cpu_and_pids_limits_reach_the_cgroups() {
                 pids = Some(p.trim().to_string());
             }
         }
-        if quota.is_some() && pids.is_some() && host_has_process_with(&tag) {
+        if quota.is_some() && pids.is_some() && host_has_sleep(&tag) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(25));

@@ -253,3 +253,296 @@ impl Client {
             .is_ok()
     }
 }
+
+/// Processes: background execs, waiting, signals, stdin, output streams
+/// and interactive attach.
+pub mod process {
+    use std::time::Duration;
+
+    use cove_api::{ExecRequest, ExecResult, ProcessInfo, ProcessList, Started, StdinWritten};
+    use futures::{Stream, StreamExt};
+    use reqwest::Method;
+    use serde::Deserialize;
+
+    use super::{Client, Error};
+
+    /// One event of an output stream (server-sent events).
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum StreamEvent {
+        /// The process started (`exec/stream` only).
+        Start { pid: u32 },
+        /// Output bytes of `stream` ("stdout"/"stderr") starting at `offset`.
+        Output {
+            stream: String,
+            offset: u64,
+            data: Vec<u8>,
+        },
+        /// Bytes the replay buffer lost before this reader got them.
+        Dropped { stream: String, from: u64, to: u64 },
+        /// The process ended.
+        Exit(cove_api::ExitInfo),
+        /// The daemon lost the sandbox's agent.
+        Error(String),
+    }
+
+    #[derive(Deserialize)]
+    struct Chunk {
+        offset: u64,
+        data: String,
+        encoding: cove_api::Encoding,
+    }
+
+    #[derive(Deserialize)]
+    struct DroppedBody {
+        stream: String,
+        from: u64,
+        to: u64,
+    }
+
+    fn parse_event(name: &str, data: &str) -> Option<StreamEvent> {
+        use base64::Engine as _;
+        match name {
+            "start" => serde_json::from_str::<serde_json::Value>(data)
+                .ok()
+                .and_then(|v| v["pid"].as_u64())
+                .map(|pid| StreamEvent::Start { pid: pid as u32 }),
+            "stdout" | "stderr" => {
+                let chunk: Chunk = serde_json::from_str(data).ok()?;
+                let bytes = match chunk.encoding {
+                    cove_api::Encoding::Utf8 => chunk.data.into_bytes(),
+                    cove_api::Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                        .decode(chunk.data)
+                        .ok()?,
+                };
+                Some(StreamEvent::Output {
+                    stream: name.to_string(),
+                    offset: chunk.offset,
+                    data: bytes,
+                })
+            }
+            "dropped" => {
+                let d: DroppedBody = serde_json::from_str(data).ok()?;
+                Some(StreamEvent::Dropped {
+                    stream: d.stream,
+                    from: d.from,
+                    to: d.to,
+                })
+            }
+            "exit" => serde_json::from_str(data).ok().map(StreamEvent::Exit),
+            "error" => Some(StreamEvent::Error(data.to_string())),
+            _ => None,
+        }
+    }
+
+    /// Parse a `text/event-stream` body into events, with the last event ID seen.
+    fn events(
+        response: reqwest::Response,
+    ) -> impl Stream<Item = Result<(StreamEvent, Option<String>), Error>> {
+        let bytes = response.bytes_stream();
+        futures::stream::unfold(
+            (bytes, Vec::<u8>::new(), false),
+            |(mut bytes, mut buf, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    // An event ends at a blank line.
+                    if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                        let block: Vec<u8> = buf.drain(..end + 2).collect();
+                        let text = String::from_utf8_lossy(&block);
+                        let (mut name, mut id, mut data) =
+                            (String::from("message"), None, String::new());
+                        for line in text.lines() {
+                            if let Some(v) = line.strip_prefix("event:") {
+                                name = v.trim().to_string();
+                            } else if let Some(v) = line.strip_prefix("id:") {
+                                id = Some(v.trim().to_string());
+                            } else if let Some(v) = line.strip_prefix("data:") {
+                                if !data.is_empty() {
+                                    data.push('\n');
+                                }
+                                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                            }
+                        }
+                        match parse_event(&name, &data) {
+                            Some(event) => return Some((Ok((event, id)), (bytes, buf, false))),
+                            None => continue,
+                        }
+                    }
+                    match bytes.next().await {
+                        Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                        Some(Err(e)) => return Some((Err(Error::Http(e)), (bytes, buf, true))),
+                        None => return None,
+                    }
+                }
+            },
+        )
+    }
+
+    impl Client {
+        /// Start a command in the background; returns its pid.
+        pub async fn exec_background(&self, id: &str, req: &ExecRequest) -> Result<u32, Error> {
+            let mut req = req.clone();
+            req.background = true;
+            let started: Started = self
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/exec"),
+                    Some(&req),
+                )
+                .await?;
+            Ok(started.pid)
+        }
+
+        pub async fn processes(&self, id: &str) -> Result<ProcessList, Error> {
+            self.json(
+                Method::GET,
+                &format!("/v1/sandboxes/{id}/processes"),
+                None::<&()>,
+            )
+            .await
+        }
+
+        pub async fn process(&self, id: &str, pid: u32) -> Result<ProcessInfo, Error> {
+            self.json(
+                Method::GET,
+                &format!("/v1/sandboxes/{id}/processes/{pid}"),
+                None::<&()>,
+            )
+            .await
+        }
+
+        /// Wait for a process to exit (at most `timeout`, when given).
+        pub async fn wait_process(
+            &self,
+            id: &str,
+            pid: u32,
+            timeout: Option<Duration>,
+        ) -> Result<ExecResult, Error> {
+            let query = timeout
+                .map(|t| format!("?timeout={}ms", t.as_millis()))
+                .unwrap_or_default();
+            self.json(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/processes/{pid}/wait{query}"),
+                None::<&()>,
+            )
+            .await
+        }
+
+        /// Send a signal (a name like "TERM" or a number) to a process's group.
+        pub async fn signal(&self, id: &str, pid: u32, signal: &str) -> Result<ProcessInfo, Error> {
+            let body = serde_json::json!({ "signal": signal });
+            self.json(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/processes/{pid}/signal"),
+                Some(&body),
+            )
+            .await
+        }
+
+        /// Write bytes to a process's open stdin.
+        pub async fn write_stdin(&self, id: &str, pid: u32, data: Vec<u8>) -> Result<u64, Error> {
+            let req = self
+                .request(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/processes/{pid}/stdin"),
+                )
+                .body(data);
+            let written: StdinWritten = self.send(req).await?.json().await.map_err(Error::Http)?;
+            Ok(written.bytes)
+        }
+
+        pub async fn close_stdin(&self, id: &str, pid: u32) -> Result<(), Error> {
+            let _: ProcessInfo = self
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/processes/{pid}/stdin/close"),
+                    None::<&()>,
+                )
+                .await?;
+            Ok(())
+        }
+
+        /// Stream a process's output from the given offsets. Each item also
+        /// carries the event ID to resume from after a disconnect.
+        pub async fn stream_process(
+            &self,
+            id: &str,
+            pid: u32,
+            from: [u64; 2],
+        ) -> Result<impl Stream<Item = Result<(StreamEvent, Option<String>), Error>>, Error>
+        {
+            let path = format!(
+                "/v1/sandboxes/{id}/processes/{pid}/stream?stdout_offset={}&stderr_offset={}",
+                from[0], from[1]
+            );
+            let response = self.send(self.request(Method::GET, &path)).await?;
+            Ok(events(response))
+        }
+
+        /// Run a command and stream its output as it happens.
+        pub async fn exec_stream(
+            &self,
+            id: &str,
+            req: &ExecRequest,
+        ) -> Result<impl Stream<Item = Result<(StreamEvent, Option<String>), Error>>, Error>
+        {
+            let response = self
+                .send(
+                    self.request(Method::POST, &format!("/v1/sandboxes/{id}/exec/stream"))
+                        .json(req),
+                )
+                .await?;
+            Ok(events(response))
+        }
+
+        /// Open an interactive WebSocket to a process (see the API docs for
+        /// the frame format).
+        pub async fn attach(
+            &self,
+            id: &str,
+            pid: u32,
+        ) -> Result<
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+            Error,
+        > {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let url = format!(
+                "{}/v1/sandboxes/{id}/processes/{pid}/attach",
+                self.base.replacen("http", "ws", 1)
+            );
+            let mut request = url
+                .into_client_request()
+                .map_err(|e| Error::Config(e.to_string()))?;
+            if let Some(key) = &self.key {
+                let value = format!("Bearer {key}")
+                    .parse()
+                    .map_err(|_| Error::Config("the API key is not a valid header".into()))?;
+                request.headers_mut().insert("authorization", value);
+            }
+            match tokio_tungstenite::connect_async(request).await {
+                Ok((socket, _)) => Ok(socket),
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    let status = response.status().as_u16();
+                    let body = response.body().clone().unwrap_or_default();
+                    Err(match serde_json::from_slice::<cove_api::ErrorBody>(&body) {
+                        Ok(b) => Error::Api {
+                            status,
+                            code: b.error.code,
+                            message: b.error.message,
+                        },
+                        Err(_) => Error::Api {
+                            status,
+                            code: "http_error".into(),
+                            message: String::from_utf8_lossy(&body).into(),
+                        },
+                    })
+                }
+                Err(e) => Err(Error::Config(format!("WebSocket to {}: {e}", self.base))),
+            }
+        }
+    }
+}

@@ -234,11 +234,14 @@ impl AgentClient {
     /// given offsets of stdout and stderr. What is still in the agent's
     /// replay buffer comes first; bytes no longer there are reported as
     /// [`ProcessEvent::Dropped`].
+    /// With `backpressure`, the process waits for this reader instead of
+    /// dropping output the reader has not taken yet.
     pub async fn attach(
         &self,
         pid: u32,
         from: [u64; 2],
         window: u64,
+        backpressure: bool,
     ) -> Result<(Process, ProcessInfo), ClientError> {
         let (tx, rx) = oneshot::channel();
         {
@@ -253,6 +256,7 @@ impl AgentClient {
             stdout_from: from[0],
             stderr_from: from[1],
             window,
+            backpressure,
         })
         .await?;
         let (route, info) = rx.await.map_err(|_| self.lost())??;
@@ -530,20 +534,31 @@ impl Process {
     /// Read everything up to the exit. Bytes the replay buffer dropped
     /// before they were read mark their stream as truncated.
     pub async fn collect(&mut self) -> Result<Output, ClientError> {
+        self.collect_capped(u64::MAX).await
+    }
+
+    /// Read up to the exit, keeping at most `cap` bytes of each stream (the
+    /// rest is read and discarded, and marks the stream as truncated).
+    pub async fn collect_capped(&mut self, cap: u64) -> Result<Output, ClientError> {
         let mut out = Output::default();
         let (mut dropped_out, mut dropped_err) = (false, false);
+        let keep = |buf: &mut Vec<u8>, data: &[u8], cut: &mut bool| {
+            let room = (cap.saturating_sub(buf.len() as u64)).min(data.len() as u64) as usize;
+            buf.extend_from_slice(&data[..room]);
+            *cut |= room < data.len();
+        };
         loop {
             match self.next_event().await? {
                 ProcessEvent::Output {
                     stream: Stream::Stdout,
                     data,
                     ..
-                } => out.stdout.extend_from_slice(&data),
+                } => keep(&mut out.stdout, &data, &mut dropped_out),
                 ProcessEvent::Output {
                     stream: Stream::Stderr,
                     data,
                     ..
-                } => out.stderr.extend_from_slice(&data),
+                } => keep(&mut out.stderr, &data, &mut dropped_err),
                 ProcessEvent::Dropped {
                     stream: Stream::Stdout,
                     ..

@@ -92,12 +92,15 @@ pub enum HostMessage {
     /// Subscribe this connection to a process's output from the given
     /// offsets (what is still in the replay buffer is sent first). Answered
     /// with `Attached`, then `Output`/`Dropped` within `window` credit, then
-    /// `Exited`. Replaces an earlier subscription of this connection.
+    /// `Exited`. Replaces an earlier subscription of this connection. With
+    /// `backpressure`, the process waits for this reader instead of
+    /// dropping output it has not read.
     Attach {
         pid: u32,
         stdout_from: u64,
         stderr_from: u64,
         window: u64,
+        backpressure: bool,
     },
     /// End this connection's subscription to a process.
     Detach {

@@ -789,6 +789,21 @@ impl Manager {
         Ok((entry, agent))
     }
 
+    /// A new, private connection to a running sandbox's agent, for a
+    /// request that streams or subscribes (so it cannot disturb others).
+    pub async fn fresh_agent(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(Arc<Entry>, AgentClient), ApiError> {
+        let (entry, _) = self.agent(who, id).await?;
+        let instance = entry
+            .instance()
+            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let agent = connect(instance.as_ref()).await?;
+        Ok((entry, agent))
+    }
+
     /// Templates as the API shows them.
     pub fn template_infos(&self) -> Vec<TemplateInfo> {
         self.inner

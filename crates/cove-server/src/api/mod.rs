@@ -4,6 +4,7 @@
 
 pub mod extract;
 mod keys;
+pub(crate) mod processes;
 mod sandboxes;
 mod system;
 
@@ -64,6 +65,15 @@ pub const MAX_BODY: usize = 64 << 20;
         sandboxes::set_timeout,
         sandboxes::wait,
         sandboxes::exec,
+        processes::exec_stream,
+        processes::list,
+        processes::get,
+        processes::wait,
+        processes::signal,
+        processes::stdin,
+        processes::close_stdin,
+        processes::stream,
+        processes::attach,
         keys::create,
         keys::list,
         keys::revoke,
@@ -173,6 +183,36 @@ pub fn native_routes() -> Router<AppState> {
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/v1/sandboxes/{id}/wait", get(sandboxes::wait))
         .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route(
+            "/v1/sandboxes/{id}/exec/stream",
+            post(processes::exec_stream),
+        )
+        .route("/v1/sandboxes/{id}/processes", get(processes::list))
+        .route("/v1/sandboxes/{id}/processes/{pid}", get(processes::get))
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/wait",
+            post(processes::wait),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/signal",
+            post(processes::signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/stdin",
+            post(processes::stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/stdin/close",
+            post(processes::close_stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/stream",
+            get(processes::stream),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/attach",
+            get(processes::attach),
+        )
         .route("/v1/keys", post(keys::create).get(keys::list))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/templates", get(system::templates))

@@ -264,6 +264,7 @@ pub async fn wait(
     request_body = ExecRequest,
     responses(
         (status = 200, description = "The command ran (whatever its exit code)", body = ExecResult),
+        (status = 202, description = "Started in the background (`background`: true)", body = cove_api::Started),
         (status = 400, description = "Invalid request, missing working directory or unknown user", body = ErrorBody),
         (status = 409, description = "The sandbox is paused", body = ErrorBody),
         (status = 410, description = "The sandbox has ended", body = ErrorBody),
@@ -276,8 +277,16 @@ pub async fn exec(
     auth: Auth,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
-) -> Result<Json<ExecResult>, ApiError> {
+) -> Result<Response, ApiError> {
     let who = auth.require(Scope::Exec)?;
+    if req.background {
+        return super::processes::start_background(&state, who, &id, req).await;
+    }
+    if req.stdin_open {
+        return Err(ApiError::invalid(
+            "`stdin_open` needs `background`: true (a synchronous exec reads all its stdin up front)",
+        ));
+    }
     let (spec, stdin) = exec::process_spec(&req)?;
     let (_entry, agent) = state.manager.agent(who, &id).await?;
     let metrics = state.manager.metrics().clone();
@@ -287,5 +296,5 @@ pub async fn exec(
     metrics
         .exec_seconds
         .observe(started.elapsed().as_secs_f64());
-    Ok(Json(exec::result(&output, req.encoding)))
+    Ok(Json(exec::result(&output, req.encoding)).into_response())
 }
