@@ -15,8 +15,8 @@ mod cgroup;
 mod fdio;
 mod process;
 pub mod spawn;
-pub mod vm_init;
 pub mod users;
+pub mod vm_init;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -78,10 +78,7 @@ pub(crate) struct Agent {
 
 /// A connection from a transport tokio has no type for (vsock in a
 /// microVM), split into its two directions.
-pub type Connection = (
-    Box<dyn AsyncRead + Unpin>,
-    Box<dyn AsyncWrite + Unpin>,
-);
+pub type Connection = (Box<dyn AsyncRead + Unpin>, Box<dyn AsyncWrite + Unpin>);
 
 /// Connections the agent serves besides its [`Endpoints`]; it serves them
 /// for as long as it runs, as it does a listener.

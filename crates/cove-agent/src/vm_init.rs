@@ -384,11 +384,7 @@ impl AsyncRead for VsockHalf {
             match guard.try_io(|fd| {
                 // SAFETY: read writes at most `unfilled.len()` bytes into it.
                 let n = unsafe {
-                    libc::read(
-                        fd.as_raw_fd(),
-                        unfilled.as_mut_ptr().cast(),
-                        unfilled.len(),
-                    )
+                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
                 };
                 if n < 0 {
                     Err(std::io::Error::last_os_error())
@@ -478,5 +474,4 @@ mod tests {
         let back: Result<VmInitConfig, _> = serde_json::from_str(&text);
         assert_eq!(back.ok(), Some(config));
     }
-
 }

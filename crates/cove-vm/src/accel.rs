@@ -86,7 +86,9 @@ pub fn host_accel(image: &GuestImage) -> Result<HostAccel, VmError> {
         tsc_khz: tsc_khz(),
         kernel_version: image.kernel_version.clone(),
     };
-    let tmp = image.cache_dir.join(format!(".{PROBE_FILE}.{}", std::process::id()));
+    let tmp = image
+        .cache_dir
+        .join(format!(".{PROBE_FILE}.{}", std::process::id()));
     if let Ok(json) = serde_json::to_vec_pretty(&answer)
         && std::fs::write(&tmp, json).is_ok()
     {
@@ -101,11 +103,21 @@ fn probe_kvm(image: &GuestImage) -> (bool, String) {
         return (false, format!("/dev/kvm cannot be opened: {e}"));
     }
     let Ok(dir) = tempfile_dir(&image.cache_dir) else {
-        return (false, "cannot create a scratch directory for the KVM probe".into());
+        return (
+            false,
+            "cannot create a scratch directory for the KVM probe".into(),
+        );
     };
     let console = dir.join("console.log");
     let child = Command::new(qemu::binary())
-        .args(["-M", "microvm,isa-serial=on,rtc=on", "-accel", "kvm", "-cpu", "host"])
+        .args([
+            "-M",
+            "microvm,isa-serial=on,rtc=on",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+        ])
         .args(["-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-no-reboot"])
         .arg("-chardev")
@@ -139,7 +151,13 @@ fn probe_kvm(image: &GuestImage) -> (bool, String) {
             if let Some(mut stderr) = child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
             }
-            break (false, format!("QEMU with KVM exited ({status}) before the guest's init ran: {}", err.trim()));
+            break (
+                false,
+                format!(
+                    "QEMU with KVM exited ({status}) before the guest's init ran: {}",
+                    err.trim()
+                ),
+            );
         }
         if Instant::now() > deadline {
             break (

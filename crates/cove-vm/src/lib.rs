@@ -272,7 +272,6 @@ impl Vm {
             for helper in &record.helpers {
                 helper.stop(Duration::from_secs(1));
             }
-            proc::reap();
             match std::fs::remove_dir_all(&record.state_dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -311,7 +310,10 @@ impl Vm {
     /// Whether the VMM process (the same one that was started) still runs.
     /// A guest that panics or powers off ends its VMM (`-no-reboot`).
     pub fn is_alive(&self) -> bool {
-        proc::reap();
+        self.record.vmm_process.reap();
+        for helper in &self.record.helpers {
+            helper.reap();
+        }
         self.record.vmm_process.is_alive()
     }
 
@@ -355,7 +357,10 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
         )));
     }
     if config.vcpus == 0 || config.vcpus > 64 {
-        return Err(VmError::Config(format!("{} vCPUs: use 1 to 64", config.vcpus)));
+        return Err(VmError::Config(format!(
+            "{} vCPUs: use 1 to 64",
+            config.vcpus
+        )));
     }
     if config.memory_mib < 128 {
         return Err(VmError::Config(format!(
@@ -383,13 +388,21 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<(Vm, Duration), VmErr
     let (accel, host) = accel::choose(image, config.accel)?;
     let firecracker = match &config.vmm {
         VmmChoice::Qemu => None,
-        VmmChoice::Firecracker(path) => Some(vmm::firecracker::find(path.as_deref()).ok_or_else(|| {
-            VmError::Config("no firecracker binary found (set COVE_FIRECRACKER or put it on PATH)".into())
-        })?),
+        VmmChoice::Firecracker(path) => {
+            Some(vmm::firecracker::find(path.as_deref()).ok_or_else(|| {
+                VmError::Config(
+                    "no firecracker binary found (set COVE_FIRECRACKER or put it on PATH)".into(),
+                )
+            })?)
+        }
         VmmChoice::Auto if accel == Accel::Kvm => vmm::firecracker::find(None),
         VmmChoice::Auto => None,
     };
-    let kind = if firecracker.is_some() { VmmKind::Firecracker } else { VmmKind::Qemu };
+    let kind = if firecracker.is_some() {
+        VmmKind::Firecracker
+    } else {
+        VmmKind::Qemu
+    };
 
     std::fs::create_dir_all(&config.state_dir).map_err(VmError::io("create", &config.state_dir))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)
@@ -500,7 +513,8 @@ mod tests {
 
     #[test]
     fn reasons_come_from_the_console() {
-        let panic = "[    1.0] foo\n[    2.5] Kernel panic - not syncing: Attempted to kill init!\n";
+        let panic =
+            "[    1.0] foo\n[    2.5] Kernel panic - not syncing: Attempted to kill init!\n";
         assert_eq!(
             reason_from_console(panic),
             "the guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!"

@@ -46,35 +46,36 @@ impl ProcessId {
         }
     }
 
+    /// If this process is a child of ours that has exited, collect it, so
+    /// it does not linger as a zombie while the daemon runs. Only this PID:
+    /// waiting for any child would steal exit statuses from other code in
+    /// the daemon (and from `Command::status`).
+    pub fn reap(&self) {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into our local; for a PID that
+        // is not our child it fails with ECHILD and changes nothing.
+        unsafe {
+            libc::waitpid(self.pid, &mut status, libc::WNOHANG);
+        }
+    }
+
     pub fn wait_gone(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.is_alive() {
             if Instant::now() > deadline {
                 return false;
             }
-            reap();
+            self.reap();
             std::thread::sleep(Duration::from_millis(5));
         }
         true
     }
 }
 
-/// Collect exited children of this process (helpers started directly),
-/// so they do not linger as zombies while the daemon runs.
-pub fn reap() {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes the status into our local.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return;
-        }
-    }
-}
-
 /// Start time and state of a process, from `/proc/<pid>/stat`.
 fn stat(pid: i32) -> Option<(u64, char)> {
-    let text = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+    let text =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after
     // the last ')'.
     let rest = &text[text.rfind(')')? + 1..];

@@ -116,7 +116,10 @@ mod tests {
         let mut stream = transport.connect().await?;
         let mut rest = [0u8; 5];
         stream.read_exact(&mut rest).await?;
-        assert_eq!(&rest, b"hello", "bytes after the handshake are the stream's");
+        assert_eq!(
+            &rest, b"hello",
+            "bytes after the handshake are the stream's"
+        );
         server.await??;
         Ok(())
     }

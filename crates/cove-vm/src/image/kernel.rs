@@ -37,7 +37,11 @@ impl Kernel {
     pub fn module_order(&self) -> Result<Vec<String>, VmError> {
         let path = self.dir.join("modules.order");
         let text = std::fs::read_to_string(&path).map_err(VmError::io("read", &path))?;
-        Ok(text.lines().map(str::to_string).filter(|l| !l.is_empty()).collect())
+        Ok(text
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect())
     }
 }
 
@@ -160,9 +164,11 @@ fn find_deb(dir: &Path) -> Result<Option<PathBuf>, VmError> {
     let mut debs: Vec<PathBuf> = entries
         .filter_map(|e| Some(e.ok()?.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("linux-image-") && !n.starts_with("linux-image-amd64_") && n.ends_with(".deb"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("linux-image-")
+                    && !n.starts_with("linux-image-amd64_")
+                    && n.ends_with(".deb")
+            })
         })
         .collect();
     debs.sort();
@@ -189,7 +195,10 @@ fn download(dir: &Path) -> Result<PathBuf, VmError> {
         })
         .ok_or_else(|| VmError::Image("apt-get download left no linux-image-amd64 .deb".into()))?;
     let depends = output(
-        Command::new("dpkg-deb").args(["-f"]).arg(&meta).arg("Depends"),
+        Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&meta)
+            .arg("Depends"),
         "read the kernel package's dependencies (dpkg-deb)",
     )?;
     let package = depends
@@ -197,7 +206,9 @@ fn download(dir: &Path) -> Result<PathBuf, VmError> {
         .map(|d| d.split_whitespace().next().unwrap_or_default())
         .find(|d| d.starts_with("linux-image-") && d.ends_with("-amd64"))
         .ok_or_else(|| {
-            VmError::Image(format!("linux-image-amd64 depends on no kernel ({depends})"))
+            VmError::Image(format!(
+                "linux-image-amd64 depends on no kernel ({depends})"
+            ))
         })?
         .to_string();
     let _ = std::fs::remove_file(&meta);
@@ -263,7 +274,9 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<(), VmError> {
     } else if payload.starts_with(b"\x28\xb5\x2f\xfd") {
         ("zstd", &["-dcq"])
     } else {
-        return Err(VmError::Image("the kernel's compression is not xz, gzip or zstd".into()));
+        return Err(VmError::Image(
+            "the kernel's compression is not xz, gzip or zstd".into(),
+        ));
     };
     let file = std::fs::File::create(out).map_err(VmError::io("create", out))?;
     let mut child = Command::new(program)
@@ -277,7 +290,9 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<(), VmError> {
             detail: format!("cannot run {program}: {e}"),
         })?;
     let fed = child.stdin.take().map(|mut stdin| stdin.write_all(payload));
-    let status = child.wait().map_err(VmError::io("wait for", Path::new(program)))?;
+    let status = child
+        .wait()
+        .map_err(VmError::io("wait for", Path::new(program)))?;
     let elf = std::fs::File::open(out)
         .and_then(|mut f| {
             let mut magic = [0u8; 4];
@@ -287,7 +302,9 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<(), VmError> {
         .unwrap_or(false);
     // gzip exits 2 for "trailing garbage ignored", which is expected here.
     if !elf || !(status.success() || status.code() == Some(2)) || matches!(fed, Some(Err(_))) {
-        return Err(VmError::Image(format!("{program} could not unpack vmlinux ({status})")));
+        return Err(VmError::Image(format!(
+            "{program} could not unpack vmlinux ({status})"
+        )));
     }
     Ok(())
 }

@@ -125,11 +125,7 @@ fn check_static(path: &Path, elf: &[u8]) -> Result<(), VmError> {
     Ok(())
 }
 
-fn write_initramfs(
-    path: &Path,
-    agent: &[u8],
-    kernel: &kernel::Kernel,
-) -> Result<(), VmError> {
+fn write_initramfs(path: &Path, agent: &[u8], kernel: &kernel::Kernel) -> Result<(), VmError> {
     let file = std::fs::File::create(path).map_err(VmError::io("create", path))?;
     let mut w = cpio::CpioWriter::new(std::io::BufWriter::new(file));
     let io = VmError::io("write", path);

@@ -85,12 +85,9 @@ pub fn parse_modinfo(section: &[u8]) -> ModInfo {
         };
         match key {
             "name" => info.name = value.to_string(),
-            "depends" => info.depends.extend(
-                value
-                    .split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(normalize),
-            ),
+            "depends" => info
+                .depends
+                .extend(value.split(',').filter(|d| !d.is_empty()).map(normalize)),
             "alias" => info.aliases.push(value.to_string()),
             "softdep" => {
                 // "pre: a b post: c"
@@ -119,7 +116,9 @@ pub fn index(modules_root: &Path) -> Result<BTreeMap<String, PathBuf>, VmError> 
         for entry in entries {
             let entry = entry.map_err(VmError::io("read", &dir))?;
             let path = entry.path();
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 stack.push(path);
             } else if let Some(name) = path.file_name().and_then(|n| n.to_str())
@@ -188,7 +187,11 @@ pub fn load_order(
                     return Err(VmError::Image(format!(
                         "the guest needs kernel module {name:?} (via {}), which the kernel \
                          package neither ships nor builds in",
-                        if chain.is_empty() { "cove".into() } else { chain.join(" -> ") }
+                        if chain.is_empty() {
+                            "cove".into()
+                        } else {
+                            chain.join(" -> ")
+                        }
                     )));
                 };
                 if !infos.contains_key(&name) {
@@ -233,7 +236,9 @@ pub fn load_order(
     Ok(order)
 }
 
-fn alias_index(files: &BTreeMap<String, PathBuf>) -> Result<BTreeMap<String, Vec<String>>, VmError> {
+fn alias_index(
+    files: &BTreeMap<String, PathBuf>,
+) -> Result<BTreeMap<String, Vec<String>>, VmError> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, path) in files {
         // Only crypto and library modules provide the aliases soft
@@ -324,10 +329,19 @@ mod tests {
             }
             let _ = std::fs::write(&path, fake_module(info));
         };
-        write("kernel/fs/ext4/ext4.ko", b"softdep=pre: crypto-crc32c\0depends=jbd2,crc16\0");
+        write(
+            "kernel/fs/ext4/ext4.ko",
+            b"softdep=pre: crypto-crc32c\0depends=jbd2,crc16\0",
+        );
         write("kernel/fs/jbd2/jbd2.ko", b"depends=\0");
-        write("kernel/crypto/crc32c_generic.ko", b"alias=crypto-crc32c\0depends=\0");
-        write("kernel/arch/x86/crc32c-intel.ko", b"alias=crypto-crc32c\0depends=\0");
+        write(
+            "kernel/crypto/crc32c_generic.ko",
+            b"alias=crypto-crc32c\0depends=\0",
+        );
+        write(
+            "kernel/arch/x86/crc32c-intel.ko",
+            b"alias=crypto-crc32c\0depends=\0",
+        );
         write("kernel/fs/overlayfs/overlay.ko", b"depends=\0");
         let files = index(dir.path())?;
         assert!(files.contains_key("crc32c_intel"));
@@ -337,7 +351,10 @@ mod tests {
             .iter()
             .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
             .collect();
-        assert_eq!(names, ["crc32c_generic.ko", "jbd2.ko", "ext4.ko", "overlay.ko"]);
+        assert_eq!(
+            names,
+            ["crc32c_generic.ko", "jbd2.ko", "ext4.ko", "overlay.ko"]
+        );
         let missing = load_order(&files, &builtin, &["nosuch"]);
         assert!(matches!(missing, Err(VmError::Image(m)) if m.contains("nosuch")));
         Ok(())

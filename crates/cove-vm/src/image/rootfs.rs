@@ -15,7 +15,10 @@ use crate::{Progress, VmError};
 pub const ROOTFS_IMAGE: &str = "rootfs.ext4";
 
 /// Build (or find) `template_dir/rootfs.ext4` from `template_dir/rootfs`.
-pub fn ensure_rootfs_image(template_dir: &Path, progress: Progress<'_>) -> Result<PathBuf, VmError> {
+pub fn ensure_rootfs_image(
+    template_dir: &Path,
+    progress: Progress<'_>,
+) -> Result<PathBuf, VmError> {
     let image = template_dir.join(ROOTFS_IMAGE);
     // Templates are immutable once built (a rebuild renames a whole new
     // directory into place), so an existing image is current.
@@ -44,7 +47,18 @@ pub fn ensure_rootfs_image(template_dir: &Path, progress: Progress<'_>) -> Resul
     file.set_len(size).map_err(VmError::io("size", &tmp))?;
     drop(file);
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-m", "0", "-O", "^has_journal", "-L", "cove-rootfs"])
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+            "-L",
+            "cove-rootfs",
+        ])
         .arg("-N")
         .arg(inodes.to_string())
         .arg("-E")
@@ -86,7 +100,9 @@ fn measure(root: &Path) -> Result<(u64, u64), VmError> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(VmError::io("read", &dir))? {
             let entry = entry.map_err(VmError::io("read", &dir))?;
-            let meta = entry.metadata().map_err(VmError::io("stat", &entry.path()))?;
+            let meta = entry
+                .metadata()
+                .map_err(VmError::io("stat", &entry.path()))?;
             inodes += 1;
             bytes += meta.size().div_ceil(4096) * 4096;
             if meta.is_dir() {
@@ -136,7 +152,10 @@ mod tests {
         assert_eq!(magic, [0x53, 0xef], "ext4 superblock magic");
         // A second call finds the cached image without rebuilding it.
         let mut again = 0;
-        assert_eq!(ensure_rootfs_image(dir.path(), &mut |_, _, _| again += 1).ok(), Some(image));
+        assert_eq!(
+            ensure_rootfs_image(dir.path(), &mut |_, _, _| again += 1).ok(),
+            Some(image)
+        );
         assert_eq!(again, 0);
     }
 }

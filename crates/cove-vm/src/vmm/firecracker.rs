@@ -131,11 +131,21 @@ impl Vmm for Firecracker {
     }
 
     fn pause<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(api(&record.control, "PATCH", "/vm", json!({"state": "Paused"})))
+        Box::pin(api(
+            &record.control,
+            "PATCH",
+            "/vm",
+            json!({"state": "Paused"}),
+        ))
     }
 
     fn resume<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(api(&record.control, "PATCH", "/vm", json!({"state": "Resumed"})))
+        Box::pin(api(
+            &record.control,
+            "PATCH",
+            "/vm",
+            json!({"state": "Resumed"}),
+        ))
     }
 
     fn quit<'a>(&'a self, _record: &'a VmRecord) -> BoxFuture<'a, Result<(), VmError>> {
@@ -175,7 +185,11 @@ async fn api(socket: &Path, method: &str, path: &str, body: Value) -> Result<(),
     .map_err(|e| err(e.to_string()))?;
     let answer = String::from_utf8_lossy(&answer);
     let status_line = answer.lines().next().unwrap_or_default();
-    if status_line.split_whitespace().nth(1).is_some_and(|c| c.starts_with('2')) {
+    if status_line
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|c| c.starts_with('2'))
+    {
         Ok(())
     } else {
         Err(err(answer.trim().to_string()))
@@ -209,7 +223,10 @@ mod tests {
         assert_eq!(config["machine-config"]["vcpu_count"], 2);
         assert_eq!(config["machine-config"]["mem_size_mib"], 512);
         assert_eq!(config["vsock"]["uds_path"], "/s/vsock.sock");
-        let tcg = Firecracker::new("/nonexistent".into()).launch(&LaunchSpec { accel: Accel::Tcg, ..spec });
+        let tcg = Firecracker::new("/nonexistent".into()).launch(&LaunchSpec {
+            accel: Accel::Tcg,
+            ..spec
+        });
         assert!(matches!(tcg, Err(VmError::Config(m)) if m.contains("KVM")));
     }
 

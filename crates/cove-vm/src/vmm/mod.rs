@@ -111,12 +111,16 @@ pub(crate) fn wait_for_socket(
                 detail: format!(
                     "it did not create {} ({}): {}",
                     path.display(),
-                    if process.is_alive() { "timed out" } else { "it exited" },
+                    if process.is_alive() {
+                        "timed out"
+                    } else {
+                        "it exited"
+                    },
                     log.trim()
                 ),
             });
         }
-        crate::proc::reap();
+        process.reap();
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     Ok(())

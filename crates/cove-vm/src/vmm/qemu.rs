@@ -61,7 +61,9 @@ impl Qemu {
                 .into(),
         ];
         match spec.accel {
-            Accel::Kvm => args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
+            Accel::Kvm => {
+                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
+            }
             Accel::Tcg => args.extend(["-accel".into(), "tcg".into(), "-cpu".into(), "max".into()]),
         }
         args.extend([
@@ -198,7 +200,10 @@ impl Vmm for Qemu {
             .and_then(|p| p.trim().parse::<i32>().ok())
             .and_then(ProcessId::of);
         let Some(vmm) = pid else {
-            return fail(format!("it left no usable pid file at {}", pidfile.display()));
+            return fail(format!(
+                "it left no usable pid file at {}",
+                pidfile.display()
+            ));
         };
         Ok(Launched {
             vmm,
@@ -239,7 +244,12 @@ mod tests {
             console_log: "/s/console.log".into(),
             vsock_uds: "/s/vsock.sock".into(),
         };
-        let args = Qemu::args(&spec, Path::new("/s/vhost.sock"), Path::new("/s/qmp.sock"), Path::new("/s/qemu.pid"));
+        let args = Qemu::args(
+            &spec,
+            Path::new("/s/vhost.sock"),
+            Path::new("/s/qmp.sock"),
+            Path::new("/s/qemu.pid"),
+        );
         let joined = args.join(" ");
         assert!(joined.contains("-accel tcg -cpu max"));
         assert!(joined.contains("-smp 2 -m 384M"));
@@ -247,7 +257,15 @@ mod tests {
         assert!(joined.contains("file=/t/rootfs.ext4,format=raw,if=none,read-only=on"));
         assert!(joined.contains("-append console=ttyS0"));
         assert!(joined.contains("-daemonize"));
-        let kvm = Qemu::args(&LaunchSpec { accel: Accel::Kvm, ..spec }, Path::new("a"), Path::new("b"), Path::new("c"));
+        let kvm = Qemu::args(
+            &LaunchSpec {
+                accel: Accel::Kvm,
+                ..spec
+            },
+            Path::new("a"),
+            Path::new("b"),
+            Path::new("c"),
+        );
         assert!(kvm.join(" ").contains("-accel kvm -cpu host"));
     }
 }
