@@ -77,7 +77,7 @@ pub trait Vmm: Send + Sync + fmt::Debug {
 /// The VMM for a recorded VM.
 pub fn for_kind(kind: VmmKind, firecracker_binary: Option<PathBuf>) -> Box<dyn Vmm> {
     match kind {
-        VmmKind::Qemu => Box::new(qemu::Qemu::default()),
+        VmmKind::Qemu => Box::new(qemu::Qemu),
         VmmKind::Firecracker => Box::new(firecracker::Firecracker::new(
             firecracker_binary.unwrap_or_else(|| PathBuf::from("firecracker")),
         )),
