@@ -34,7 +34,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let image = cove_vm::ensure_guest_image(&cache, args[2].as_ref(), &mut |_, _, _| {})?;
     let rootfs = cove_vm::ensure_rootfs_image(args[3].as_ref(), &mut |_, _, _| {})?;
     let host = cove_vm::accel::host_accel(&image)?;
-    println!("kernel {} ; KVM usable: {} ({})", image.kernel_version, host.kvm_boots_guests, host.reason);
+    println!(
+        "kernel {} ; KVM usable: {} ({})",
+        image.kernel_version, host.kvm_boots_guests, host.reason
+    );
 
     let mut bare = Vec::new();
     let mut cove = Vec::new();
@@ -46,13 +49,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dir = std::env::temp_dir().join(format!("cove-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let console = dir.join("console.log");
-        let tsc = if host.kvm_boots_guests { String::new() } else { format!(" tsc_early_khz={}", host.tsc_khz) };
-        let accel = if host.kvm_boots_guests { ["kvm", "host"] } else { ["tcg", "max"] };
+        let tsc = if host.kvm_boots_guests {
+            String::new()
+        } else {
+            format!(" tsc_early_khz={}", host.tsc_khz)
+        };
+        let accel = if host.kvm_boots_guests {
+            ["kvm", "host"]
+        } else {
+            ["tcg", "max"]
+        };
         let start = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on"])
-            .args(["-accel", accel[0], "-cpu", accel[1], "-m", "256", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args([
+                "-M",
+                "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on",
+            ])
+            .args([
+                "-accel", accel[0], "-cpu", accel[1], "-m", "256", "-smp", "1",
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .arg("-chardev")
             .arg(format!("file,id=c,path={}", console.display()))
             .args(["-serial", "chardev:c", "-kernel"])
@@ -64,7 +86,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .stdin(Stdio::null())
             .spawn()?;
         loop {
-            if std::fs::read_to_string(&console).unwrap_or_default().contains("cove-vm-init:") {
+            if std::fs::read_to_string(&console)
+                .unwrap_or_default()
+                .contains("cove-vm-init:")
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -74,19 +99,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = child.wait();
         let _ = std::fs::remove_dir_all(&dir);
 
-        let mut config = VmConfig::new(format!("bench{run}"), rootfs.clone(), std::env::temp_dir().join(format!("cove-bench-vm-{run}")));
+        let mut config = VmConfig::new(
+            format!("bench{run}"),
+            rootfs.clone(),
+            std::env::temp_dir().join(format!("cove-bench-vm-{run}")),
+        );
         config.memory_mib = 256;
         let start = Instant::now();
         let vm = Vm::boot(&image, config).await?;
         let booted = start.elapsed();
         let client = AgentClient::connect(vm.connect().await?, "bench").await?;
-        let out = client.output(ProcessSpec::new(CommandLine::Argv(vec!["/bin/true".into()])), None).await?;
+        let out = client
+            .output(
+                ProcessSpec::new(CommandLine::Argv(vec!["/bin/true".into()])),
+                None,
+            )
+            .await?;
         assert_eq!(out.status.code, Some(0));
         cove.push(ms(booted));
         first_exec.push(ms(start.elapsed()));
         for _ in 0..50 {
             let t = Instant::now();
-            client.output(ProcessSpec::new(CommandLine::Argv(vec!["/bin/true".into()])), None).await?;
+            client
+                .output(
+                    ProcessSpec::new(CommandLine::Argv(vec!["/bin/true".into()])),
+                    None,
+                )
+                .await?;
             latencies.push(ms(t.elapsed()));
         }
         vm.destroy().await?;
@@ -95,9 +134,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         v.sort_by(|a, b| a.total_cmp(b));
     }
     println!("runs: {runs}");
-    println!("bare qemu microvm boot to init      median {:8.1} ms  (min {:.1})", percentile(&bare, 0.5), bare[0]);
-    println!("cove boot to agent Hello             median {:8.1} ms  (min {:.1})", percentile(&cove, 0.5), cove[0]);
-    println!("cove boot to first exec done         median {:8.1} ms  (min {:.1})", percentile(&first_exec, 0.5), first_exec[0]);
+    println!(
+        "bare qemu microvm boot to init      median {:8.1} ms  (min {:.1})",
+        percentile(&bare, 0.5),
+        bare[0]
+    );
+    println!(
+        "cove boot to agent Hello             median {:8.1} ms  (min {:.1})",
+        percentile(&cove, 0.5),
+        cove[0]
+    );
+    println!(
+        "cove boot to first exec done         median {:8.1} ms  (min {:.1})",
+        percentile(&first_exec, 0.5),
+        first_exec[0]
+    );
     println!(
         "exec latency (/bin/true, {} runs)    p50 {:.2} ms  p95 {:.2} ms  max {:.2} ms",
         latencies.len(),
