@@ -16,6 +16,7 @@ mod fdio;
 mod process;
 pub mod spawn;
 pub mod users;
+pub mod vm_init;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use std::rc::Rc;
 
 use cove_protocol::{AgentHello, AgentMessage, FrameCodec, HostMessage, PROTOCOL_VERSION};
 use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -83,8 +85,32 @@ pub(crate) struct Agent {
     idle: Notify,
 }
 
+/// A connection from a transport tokio has no type for (vsock in a
+/// microVM), split into its two directions.
+pub type Connection = (Box<dyn AsyncRead + Unpin>, Box<dyn AsyncWrite + Unpin>);
+
+/// Connections the agent serves besides its [`Endpoints`]; it serves them
+/// for as long as it runs, as it does a listener.
+pub type Incoming = std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<Connection>>>>;
+
 /// Run the agent until it has nothing left to serve. Returns the exit code.
 pub fn run(config: AgentConfig, endpoints: Endpoints) -> i32 {
+    run_with(config, endpoints, None)
+}
+
+/// Run the agent on the connections `incoming` yields, for transports that
+/// are not unix sockets. `incoming` is called once, inside the agent's
+/// runtime, so it may register descriptors with tokio.
+pub fn run_incoming(
+    config: AgentConfig,
+    incoming: impl FnOnce() -> std::io::Result<Incoming>,
+) -> i32 {
+    run_with(config, Endpoints::default(), Some(Box::new(incoming)))
+}
+
+type MakeIncoming<'a> = Box<dyn FnOnce() -> std::io::Result<Incoming> + 'a>;
+
+fn run_with(config: AgentConfig, endpoints: Endpoints, incoming: Option<MakeIncoming<'_>>) -> i32 {
     // SAFETY: plain prctl calls on the current process.
     unsafe {
         // No sandboxed process may ptrace the agent or open /proc/1/exe or
@@ -104,10 +130,14 @@ pub fn run(config: AgentConfig, endpoints: Endpoints) -> i32 {
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(config, endpoints))
+    local.block_on(&runtime, serve(config, endpoints, incoming))
 }
 
-async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
+async fn serve(
+    config: AgentConfig,
+    endpoints: Endpoints,
+    incoming: Option<MakeIncoming<'_>>,
+) -> i32 {
     let devnull = match std::fs::File::options()
         .read(true)
         .write(true)
@@ -128,7 +158,7 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
         retained: RefCell::default(),
         next_proc: Cell::new(0),
         connections: Cell::new(0),
-        serves_listener: endpoints.listener.is_some(),
+        serves_listener: endpoints.listener.is_some() || incoming.is_some(),
         idle: Notify::new(),
     });
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
@@ -159,7 +189,8 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
         match stream_from(fd) {
             Ok(stream) => {
                 agent.connections.set(agent.connections.get() + 1);
-                tokio::task::spawn_local(serve_connection(agent.clone(), stream));
+                let (read, write) = stream.into_split();
+                tokio::task::spawn_local(serve_connection(agent.clone(), read, write));
             }
             Err(err) => eprintln!("cove-agent: bad connection fd: {err}"),
         }
@@ -177,9 +208,11 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
                         match listener.accept().await {
                             Ok((stream, _)) => {
                                 acceptor.connections.set(acceptor.connections.get() + 1);
+                                let (read, write) = stream.into_split();
                                 tokio::task::spawn_local(serve_connection(
                                     acceptor.clone(),
-                                    stream,
+                                    read,
+                                    write,
                                 ));
                             }
                             Err(err) => {
@@ -191,6 +224,35 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
                 });
             }
             Err(err) => eprintln!("cove-agent: bad listener fd: {err}"),
+        }
+    }
+    if let Some(make) = incoming {
+        match make() {
+            Ok(mut incoming) => {
+                let acceptor = agent.clone();
+                tokio::task::spawn_local(async move {
+                    while let Some(next) = incoming.next().await {
+                        match next {
+                            Ok((read, write)) => {
+                                acceptor.connections.set(acceptor.connections.get() + 1);
+                                tokio::task::spawn_local(serve_connection(
+                                    acceptor.clone(),
+                                    read,
+                                    write,
+                                ));
+                            }
+                            Err(err) => {
+                                tracing::warn!(%err, "accept failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                });
+            }
+            Err(err) => {
+                eprintln!("cove-agent: cannot accept connections: {err}");
+                return 1;
+            }
         }
     }
     if agent.serves_listener {
@@ -210,8 +272,11 @@ fn stream_from(fd: OwnedFd) -> std::io::Result<UnixStream> {
     UnixStream::from_std(std_stream)
 }
 
-async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
-    let (read, write) = stream.into_split();
+async fn serve_connection<R, W>(agent: Rc<Agent>, read: R, write: W)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
     let mut reader = FramedRead::new(read, FrameCodec::<HostMessage, AgentMessage>::new());
     let (tx, mut rx) = mpsc::channel::<AgentMessage>(64);
     let writer = tokio::task::spawn_local(async move {

@@ -9,12 +9,18 @@ use std::path::PathBuf;
 fn usage() -> ! {
     eprintln!(
         "usage: cove-agent (--fd N | --listen PATH) [--hostname NAME] [--cwd DIR] [--env K=V]...\n\
+         \x20      cove-agent --vm-init   (as PID 1 of a cove microVM)\n\
          Serves cove's agent protocol on a connected socket fd or a listening unix socket."
     );
     std::process::exit(2)
 }
 
 fn main() {
+    // The kernel starts the agent as /init of a microVM with `--vm-init`
+    // (after `--` on the kernel command line).
+    if std::env::args().nth(1).as_deref() == Some("--vm-init") {
+        cove_agent::vm_init::main();
+    }
     let mut args = std::env::args().skip(1);
     let mut endpoints = cove_agent::Endpoints::default();
     let mut config = cove_agent::AgentConfig {

@@ -1,0 +1,477 @@
+//! The agent as PID 1 of a microVM (`cove-agent --vm-init`).
+//!
+//! The guest kernel unpacks cove's initramfs and runs the agent as `/init`.
+//! Before the agent can serve, this module does what an init system would:
+//!
+//! ```text
+//!  initramfs (rootfs)                      the sandbox's root
+//!  ─────────────────                       ──────────────────
+//!  mount /dev /proc /sys
+//!  read /cove/vm.json
+//!  load /cove/modules/*.ko (in order)
+//!  wait for the root disk
+//!  ext4 (ro) ─┐
+//!  tmpfs (rw) ┴─ overlay ── move onto / ─▶ mount /proc /sys /dev /dev/pts
+//!                                          hostname, loopback, cgroup2
+//!                                          serve the protocol on vsock
+//! ```
+//!
+//! The initramfs is the kernel's `rootfs`, which cannot be `pivot_root`ed
+//! away, so the overlay is moved over `/` and the agent `chroot`s into it
+//! (what `switch_root` does). Any failure before serving is printed to the
+//! console, where the host picks it up, and the VM powers off: a PID 1 that
+//! returns would only panic the kernel with a less useful message.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::mount::{MsFlags, mount};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::{AgentConfig, CgroupKind, Connection, Incoming, ProcessCgroups};
+
+/// Where the host puts the per-VM configuration inside the initramfs.
+pub const CONFIG_PATH: &str = "/cove/vm.json";
+/// Kernel modules shipped in the initramfs.
+pub const MODULES_DIR: &str = "/cove/modules";
+/// Module file names (in `MODULES_DIR`), one per line, in load order.
+pub const MODULE_ORDER: &str = "/cove/modules.order";
+
+/// What the host tells the guest's init, as JSON in [`CONFIG_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInitConfig {
+    /// The sandbox's hostname (its ID).
+    pub hostname: String,
+    /// The sandbox's environment.
+    pub env: Vec<(String, String)>,
+    /// Default working directory.
+    pub cwd: String,
+    /// Default user (`None` = root).
+    pub user: Option<String>,
+    /// The vsock port the agent listens on.
+    pub vsock_port: u32,
+    /// The template's root filesystem (read-only ext4).
+    pub root_device: String,
+    /// Size cap of the writable layer (a tmpfs), in MiB; `None` = the
+    /// kernel's default (half the guest's memory).
+    pub overlay_size_mib: Option<u64>,
+}
+
+/// Run as PID 1 of a microVM. Never returns.
+pub fn main() -> ! {
+    match prepare() {
+        Ok((config, port)) => {
+            let code = crate::run_incoming(config, move || listen(port));
+            eprintln!("cove-vm-init: the agent stopped (exit code {code})");
+        }
+        Err(err) => eprintln!("cove-vm-init: {err}"),
+    }
+    power_off()
+}
+
+fn power_off() -> ! {
+    // SAFETY: sync and reboot take no pointers; as PID 1 the agent may power
+    // the machine off, which is the only way out of a VM.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+    }
+    // Only reached if reboot failed; exiting PID 1 panics the kernel, which
+    // also ends the VM (QEMU runs with -no-reboot).
+    std::process::exit(1)
+}
+
+fn prepare() -> Result<(AgentConfig, u32), String> {
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
+    mount_fs("proc", "/proc", "proc", nodev_nosuid_noexec(), None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nodev_nosuid_noexec(), None)?;
+
+    let text = std::fs::read_to_string(CONFIG_PATH)
+        .map_err(|e| format!("cannot read {CONFIG_PATH}: {e}"))?;
+    let vm: VmInitConfig =
+        serde_json::from_str(&text).map_err(|e| format!("{CONFIG_PATH} is not valid: {e}"))?;
+
+    load_modules()?;
+    wait_for(Path::new(&vm.root_device))?;
+
+    for dir in ["/cove/lower", "/cove/rw", "/cove/root"] {
+        mkdir(dir)?;
+    }
+    mount_fs(
+        &vm.root_device,
+        "/cove/lower",
+        "ext4",
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        Some("noload"),
+    )?;
+    let size = vm
+        .overlay_size_mib
+        .map(|mib| format!("size={mib}m,mode=0755"))
+        .unwrap_or_else(|| "mode=0755".into());
+    mount_fs("tmpfs", "/cove/rw", "tmpfs", MsFlags::MS_NODEV, Some(&size))?;
+    mkdir("/cove/rw/upper")?;
+    mkdir("/cove/rw/work")?;
+    mount_fs(
+        "overlay",
+        "/cove/root",
+        "overlay",
+        MsFlags::empty(),
+        Some("lowerdir=/cove/lower,upperdir=/cove/rw/upper,workdir=/cove/rw/work"),
+    )?;
+    // The initramfs stays in memory under the new root: drop what is no
+    // longer needed (the modules are loaded, the agent is already mapped).
+    let _ = std::fs::remove_dir_all(MODULES_DIR);
+    let _ = std::fs::remove_file("/init");
+    switch_root("/cove/root")?;
+
+    for dir in ["/proc", "/sys", "/dev", "/tmp"] {
+        mkdir(dir)?;
+    }
+    mount_fs("proc", "/proc", "proc", nodev_nosuid_noexec(), None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nodev_nosuid_noexec(), None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
+    mkdir("/dev/pts")?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=620,ptmxmode=666"),
+    )?;
+    mkdir("/dev/shm")?;
+    mount_fs(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        nodev_nosuid_noexec(),
+        Some("mode=1777"),
+    )?;
+
+    nix::unistd::sethostname(&vm.hostname)
+        .map_err(|e| format!("cannot set the hostname {:?}: {e}", vm.hostname))?;
+    if let Err(err) = loopback_up() {
+        // Not fatal: processes that do not use 127.0.0.1 still work.
+        eprintln!("cove-vm-init: cannot bring up the loopback interface: {err}");
+    }
+
+    let mut env = vm.env;
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
+    }
+    let config = AgentConfig {
+        hostname: vm.hostname,
+        env,
+        cwd: vm.cwd,
+        user: vm.user,
+        cgroups: cgroup_root(),
+        oom_events: None,
+        root: "/".into(),
+    };
+    Ok((config, vm.vsock_port))
+}
+
+fn nodev_nosuid_noexec() -> MsFlags {
+    MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC
+}
+
+fn mkdir(path: &str) -> Result<(), String> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("cannot create {path}: {e}")),
+    }
+}
+
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mkdir(target)?;
+    mount(Some(source), target, Some(fstype), flags, data)
+        .map_err(|e| format!("cannot mount {fstype} {source} on {target}: {e}"))
+}
+
+/// Load the modules listed in [`MODULE_ORDER`]; the host computed the order
+/// from each module's `depends=` and soft dependencies, since the guest has
+/// no modprobe.
+fn load_modules() -> Result<(), String> {
+    let order = match std::fs::read_to_string(MODULE_ORDER) {
+        Ok(order) => order,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {MODULE_ORDER}: {e}")),
+    };
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = Path::new(MODULES_DIR).join(name);
+        let file = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open module {}: {e}", path.display()))?;
+        // SAFETY: finit_module reads the module from an fd we own and an
+        // empty, NUL-terminated parameter string.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                0 as libc::c_int,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EEXIST) {
+                return Err(format!("cannot load kernel module {name}: {err}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Devices appear when their driver probes them, which may finish after
+/// `finit_module` returns.
+fn wait_for(device: &Path) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !device.exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the root disk {} did not appear (is the virtio-blk device attached?)",
+                device.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn switch_root(new_root: &str) -> Result<(), String> {
+    std::env::set_current_dir(new_root).map_err(|e| format!("cannot enter {new_root}: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("cannot move {new_root} onto /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("cannot chroot into {new_root}: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("cannot enter /: {e}"))
+}
+
+/// A cgroup v2 hierarchy lets the agent kill exact process trees, as it
+/// does in namespace sandboxes. Without one it falls back to process groups.
+fn cgroup_root() -> Option<ProcessCgroups> {
+    let path = "/sys/fs/cgroup";
+    if let Err(err) = mount_fs("cgroup2", path, "cgroup2", nodev_nosuid_noexec(), None) {
+        eprintln!("cove-vm-init: {err}; timeouts will kill process groups only");
+        return None;
+    }
+    let dir = std::fs::File::open(path).ok()?;
+    Some(ProcessCgroups {
+        dir: OwnedFd::from(dir),
+        kind: CgroupKind::V2,
+    })
+}
+
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket takes no pointers; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: the ioctls read and write the ifreq we own, which names "lo".
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A vsock listener on `port`, accepting from any CID (the host is CID 2).
+fn listen(port: u32) -> std::io::Result<Incoming> {
+    // SAFETY: socket takes no pointers; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = port;
+    // SAFETY: bind reads `addr`, whose size we pass; listen takes no pointers.
+    unsafe {
+        if libc::bind(
+            sock.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        ) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::listen(sock.as_raw_fd(), 128) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let listener = crate::fdio::async_fd(sock)?;
+    let incoming = futures::stream::unfold(listener, |listener| async move {
+        let next = accept(&listener).await;
+        Some((next, listener))
+    });
+    Ok(Box::pin(incoming))
+}
+
+async fn accept(listener: &AsyncFd<OwnedFd>) -> std::io::Result<Connection> {
+    loop {
+        let mut guard = listener.readable().await?;
+        let accepted = guard.try_io(|fd| {
+            // SAFETY: accept4 with null address pointers writes nothing back.
+            let raw = unsafe {
+                libc::accept4(
+                    fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: accept4 returned a fresh descriptor nobody else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        });
+        if let Ok(result) = accepted {
+            let fd = std::sync::Arc::new(crate::fdio::async_fd(result?)?);
+            return Ok((
+                Box::new(VsockHalf(fd.clone())) as Box<dyn AsyncRead + Unpin>,
+                Box::new(VsockHalf(fd)) as Box<dyn AsyncWrite + Unpin>,
+            ));
+        }
+    }
+}
+
+/// One direction of a connected vsock socket. Reads and writes go straight
+/// to the socket; both halves share its readiness registration.
+struct VsockHalf(std::sync::Arc<AsyncFd<OwnedFd>>);
+
+impl AsyncRead for VsockHalf {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            let mut guard = std::task::ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| {
+                // SAFETY: read writes at most `unfilled.len()` bytes into it.
+                let n = unsafe {
+                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for VsockHalf {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            let mut guard = std::task::ready!(self.0.poll_write_ready(cx))?;
+            match guard.try_io(|fd| {
+                // SAFETY: send reads at most `data.len()` bytes from it;
+                // MSG_NOSIGNAL turns a closed peer into EPIPE, not SIGPIPE.
+                let n = unsafe {
+                    libc::send(
+                        fd.as_raw_fd(),
+                        data.as_ptr().cast(),
+                        data.len(),
+                        libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }) {
+                Ok(result) => return std::task::Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // SAFETY: shutdown takes no pointers.
+        let rc = unsafe { libc::shutdown(self.0.get_ref().as_raw_fd(), libc::SHUT_WR) };
+        std::task::Poll::Ready(if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_as_json() {
+        let config = VmInitConfig {
+            hostname: "sbx-abc".into(),
+            env: vec![("A".into(), "b\nc".into())],
+            cwd: "/workspace".into(),
+            user: None,
+            vsock_port: 1024,
+            root_device: "/dev/vda".into(),
+            overlay_size_mib: Some(256),
+        };
+        let text = serde_json::to_string(&config).unwrap_or_default();
+        let back: Result<VmInitConfig, _> = serde_json::from_str(&text);
+        assert_eq!(back.ok(), Some(config));
+    }
+}
