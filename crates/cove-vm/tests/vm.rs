@@ -297,7 +297,8 @@ async fn crashes_are_detected_with_a_reason() {
         .expect("boot");
     let agent = client(&vm).await;
     let _ = agent.spawn(sh("echo c > /proc/sysrq-trigger")).await;
-    for _ in 0..6000 {
+    // Under TCG on a loaded host the panic report alone takes a while.
+    for _ in 0..18000 {
         if !vm.is_alive() {
             break;
         }

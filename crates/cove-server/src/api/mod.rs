@@ -2,6 +2,7 @@
 //! middleware every request passes: request IDs, tracing, body limit,
 //! metrics, and JSON errors for unknown routes and methods.
 
+pub(crate) mod compat;
 pub mod extract;
 mod keys;
 pub(crate) mod processes;
