@@ -12,14 +12,23 @@
 //! # Ok(()) }
 //! ```
 
+pub mod blocking;
+pub mod command;
 pub mod paths;
+pub mod sandbox;
+
+pub use command::{
+    CancellationToken, Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output,
+    Stdio,
+};
+pub use sandbox::{Sandbox, SandboxSpec};
 
 use std::time::Duration;
 
 pub use cove_api as api;
 use cove_api::{
     CreateKeyRequest, CreateSandboxRequest, ErrorBody, ExecRequest, ExecResult, KeyCreated,
-    KeyList, Sandbox, SandboxList, SetTimeoutRequest, TemplateList,
+    KeyList, SandboxList, SetTimeoutRequest, TemplateList,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -46,6 +55,11 @@ pub enum Error {
     Decode(String),
     #[error("{0}")]
     Config(String),
+    /// A command ended unsuccessfully ([`Command::run`]).
+    #[error("the command failed: {0}")]
+    Exit(ExitStatus),
+    #[error("I/O error: {0}")]
+    Io(std::io::Error),
 }
 
 impl Error {
@@ -169,7 +183,10 @@ impl Client {
     }
 
     /// Create a sandbox; returns once it runs.
-    pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<Sandbox, Error> {
+    pub async fn create_sandbox(
+        &self,
+        req: &CreateSandboxRequest,
+    ) -> Result<cove_api::Sandbox, Error> {
         self.json(Method::POST, "/v1/sandboxes", Some(req)).await
     }
 
@@ -183,7 +200,7 @@ impl Client {
         self.json(Method::GET, &path, None::<&()>).await
     }
 
-    pub async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Error> {
+    pub async fn get_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(Method::GET, &format!("/v1/sandboxes/{id}"), None::<&()>)
             .await
     }
@@ -193,7 +210,7 @@ impl Client {
             .await
     }
 
-    pub async fn pause_sandbox(&self, id: &str) -> Result<Sandbox, Error> {
+    pub async fn pause_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(
             Method::POST,
             &format!("/v1/sandboxes/{id}/pause"),
@@ -202,7 +219,7 @@ impl Client {
         .await
     }
 
-    pub async fn resume_sandbox(&self, id: &str) -> Result<Sandbox, Error> {
+    pub async fn resume_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(
             Method::POST,
             &format!("/v1/sandboxes/{id}/resume"),
@@ -212,7 +229,7 @@ impl Client {
     }
 
     /// Let the sandbox live `ttl` from now (zero: forever).
-    pub async fn set_timeout(&self, id: &str, ttl: Duration) -> Result<Sandbox, Error> {
+    pub async fn set_timeout(&self, id: &str, ttl: Duration) -> Result<cove_api::Sandbox, Error> {
         let body = SetTimeoutRequest {
             timeout: cove_api::DurationValue(ttl),
         };

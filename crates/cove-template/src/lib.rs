@@ -288,7 +288,10 @@ impl TemplateStore {
         fs::write(&meta_path, json).map_err(io_err("write", &meta_path))?;
         let dir = self.dir(&meta.name);
         if dir.exists() {
-            let old = staging.with_file_name(format!(".old-{}", staging.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
+            let old = staging.with_file_name(format!(
+                ".old-{}",
+                staging.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+            ));
             fs::rename(&dir, &old).map_err(io_err("replace", &dir))?;
             let _ = fs::remove_dir_all(&old);
         }
@@ -308,7 +311,9 @@ impl TemplateStore {
         // Unique per build, also between threads of one process.
         static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let staging = self.root.join(format!(".build-{name}-{}-{n}", std::process::id()));
+        let staging = self
+            .root
+            .join(format!(".build-{name}-{}-{n}", std::process::id()));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(io_err("clean", &staging))?;
         }
@@ -339,7 +344,9 @@ impl TemplateStore {
         // One builder at a time in this process; other processes are
         // handled by the atomic rename in `install`.
         static HOST_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _building = HOST_BUILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _building = HOST_BUILD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !marker.is_file() {
             let staging = self.staging(DEFAULT_TEMPLATE)?;
             let skeleton = staging.join("rootfs");
