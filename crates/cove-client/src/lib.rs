@@ -1,16 +1,27 @@
 //! Rust SDK for cove.
 //!
+//! [`Client`] talks to a cove daemon; [`Client::create`] makes a
+//! [`Sandbox`], and [`Sandbox::command`] builds a [`Command`] shaped like
+//! `std::process::Command` (and tinyrange cc's `exec.Cmd`): `output()`,
+//! `combined_output()`, `status()`, `run()`, or `spawn()` for a [`Child`]
+//! with async stdin/stdout/stderr pipes. [`blocking`] wraps the same API for
+//! code without an async runtime. The lower-level methods on [`Client`]
+//! map one to one onto the HTTP API (`docs/api.md`).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), cove_client::Error> {
-//! let client = cove_client::Client::from_env()?;
-//! let sandbox = client.create_sandbox(&Default::default()).await?;
-//! let result = client
-//!     .exec(&sandbox.id, &cove_client::api::ExecRequest { cmd: Some("echo hi".into()), ..Default::default() })
-//!     .await?;
-//! assert_eq!(result.stdout, "hi\n");
-//! client.delete_sandbox(&sandbox.id).await?;
+//! use cove_client::{Client, SandboxSpec};
+//!
+//! let client = Client::from_env()?;
+//! let sandbox = client.create(SandboxSpec::new().memory(256 << 20)).await?;
+//! let out = sandbox.command("sh").args(["-c", "echo hi; exit 3"]).output().await?;
+//! assert_eq!(out.stdout, b"hi\n");
+//! assert_eq!(out.status.code(), Some(3));
+//! sandbox.kill().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Runnable programs are in `crates/cove-client/examples/`.
 
 pub mod blocking;
 pub mod command;
@@ -59,7 +70,7 @@ pub enum Error {
     #[error("the command failed: {0}")]
     Exit(ExitStatus),
     #[error("I/O error: {0}")]
-    Io(std::io::Error),
+    Io(#[from] std::io::Error),
 }
 
 impl Error {
