@@ -20,6 +20,9 @@ use crate::{
     PROTOCOL_VERSION, ProcessSpec, SpawnError, Stream,
 };
 
+mod fs;
+pub use fs::{FsDownload, FsUpload, FsWatch};
+
 /// Most stdin bytes a [`StdinWriter`] leaves unacknowledged.
 const STDIN_IN_FLIGHT: u64 = 4 * MAX_CHUNK as u64;
 
@@ -37,6 +40,9 @@ pub enum ClientError {
     Spawn(#[from] SpawnError),
     #[error("agent error: {0}")]
     Agent(String),
+    /// A file operation failed in the sandbox.
+    #[error("{0}")]
+    Fs(#[from] crate::fs::FsError),
 }
 
 /// What a [`Process`] reports, in order. `Exited` is always last.
@@ -66,6 +72,8 @@ struct Routes {
     procs: HashMap<u32, RouteTx>,
     pongs: HashMap<u64, oneshot::Sender<()>>,
     closed: Option<String>,
+    /// Open file operations, by request id.
+    fs: fs::FsRoutes,
 }
 
 #[derive(Debug)]
@@ -357,6 +365,7 @@ fn route(routes: &Mutex<Routes>, msg: AgentMessage) {
             }
         }
         AgentMessage::Hello(_) => {}
+        AgentMessage::Fs { req, msg } => routes.fs.route(req, msg),
     }
 }
 
@@ -368,6 +377,7 @@ fn close_all(routes: &Mutex<Routes>, reason: String) {
     }
     routes.pending.clear();
     routes.pongs.clear();
+    routes.fs.clear();
     routes.closed = Some(reason);
 }
 

@@ -28,6 +28,7 @@
 
 pub mod client;
 mod codec;
+pub mod fs;
 
 pub use codec::{DecodeError, FrameCodec, MAX_FRAME_LEN, decode_frame, encode_frame};
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,11 @@ pub enum HostMessage {
     Kill {
         pid: u32,
     },
+    /// A file operation (see [`fs`]): start one, feed or cancel it.
+    Fs {
+        req: u32,
+        msg: fs::FsRequest,
+    },
 }
 
 /// Messages the agent sends to the host. Same ordering rule as [`HostMessage`].
@@ -131,6 +137,11 @@ pub enum AgentMessage {
     },
     Pong {
         nonce: u64,
+    },
+    /// Progress or the end of file operation `req` (see [`fs`]).
+    Fs {
+        req: u32,
+        msg: fs::FsReply,
     },
 }
 
