@@ -13,6 +13,7 @@
 
 mod cgroup;
 mod fdio;
+mod files;
 mod process;
 pub mod spawn;
 pub mod users;
@@ -72,6 +73,7 @@ pub(crate) struct Agent {
     connections: Cell<usize>,
     serves_listener: bool,
     idle: Notify,
+    files: files::Files,
 }
 
 /// Run the agent until it has nothing left to serve. Returns the exit code.
@@ -110,6 +112,7 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
             return 1;
         }
     };
+    let files = files::Files::new(&config.root, &config.cwd, config.user.clone());
     let agent = Rc::new(Agent {
         config,
         devnull,
@@ -120,6 +123,7 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
         connections: Cell::new(0),
         serves_listener: endpoints.listener.is_some(),
         idle: Notify::new(),
+        files,
     });
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
         Ok(mut sigchld) => {
@@ -338,6 +342,7 @@ impl Agent {
             HostMessage::Ping { nonce } => {
                 let _ = tx.send(AgentMessage::Pong { nonce }).await;
             }
+            HostMessage::Fs { req, msg } => self.files.handle(req, msg, tx).await,
         }
     }
 
@@ -362,6 +367,7 @@ impl Agent {
         for proc in self.procs.borrow().values() {
             proc.disown(tx);
         }
+        self.files.disconnected(tx);
     }
 
     /// Collect every exited child; hand statuses to whoever waits for them.
