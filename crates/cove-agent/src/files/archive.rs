@@ -39,6 +39,18 @@ fn tar_error(err: std::io::Error, what: &str) -> FsError {
     FsError::new(FsErrorKind::Io, format!("{what}: {err}"))
 }
 
+/// A failure to read the uploaded archive: the upload was cancelled, or
+/// the bytes are not a well-formed tar archive (the client's mistake).
+fn malformed(ctx: &Ctx, err: std::io::Error) -> FsError {
+    if ctx.is_cancelled() {
+        super::control::cancelled()
+    } else {
+        invalid(format!(
+            "the upload is not a well-formed tar archive: {err}"
+        ))
+    }
+}
+
 // ---------------------------------------------------------------- out ----
 
 /// Reads exactly `size` bytes of a file in large reads (the tar writer
@@ -772,12 +784,10 @@ pub(crate) fn unpack(root: &Root, ctx: &Ctx, path: &str, owner: Owner) -> Result
         let mut archive = tar::Archive::new(&mut reader);
         let mut count = 0u64;
         let mut bytes = 0u64;
-        let entries = archive
-            .entries()
-            .map_err(|e| tar_error(e, "reading the archive"))?;
+        let entries = archive.entries().map_err(|e| malformed(ctx, e))?;
         for item in entries {
             ctx.check()?;
-            let mut item = item.map_err(|e| tar_error(e, "reading the archive"))?;
+            let mut item = item.map_err(|e| malformed(ctx, e))?;
             count += 1;
             if count > MAX_ENTRIES {
                 return Err(invalid(format!(
