@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod keys;
 pub mod sandbox;
 pub mod units;
@@ -11,6 +12,9 @@ pub mod values;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use exec::{Encoding, ExecRequest, ExecResult, PtyRequest};
+pub use files::{
+    FileEntry, FileList, FileType, MkdirRequest, ModeValue, MoveRequest, TarResult, WatchEvent,
+};
 pub use keys::{CreateKeyRequest, KeyCreated, KeyInfo, KeyList, Scope};
 pub use sandbox::{
     CreateSandboxRequest, Limits, Sandbox, SandboxList, SandboxState, SetTimeoutRequest,

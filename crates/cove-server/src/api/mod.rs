@@ -3,6 +3,7 @@
 //! metrics, and JSON errors for unknown routes and methods.
 
 pub mod extract;
+mod files;
 mod keys;
 mod sandboxes;
 mod system;
@@ -64,6 +65,16 @@ pub const MAX_BODY: usize = 64 << 20;
         sandboxes::set_timeout,
         sandboxes::wait,
         sandboxes::exec,
+        files::download,
+        files::upload,
+        files::stat,
+        files::list,
+        files::mkdir,
+        files::rename,
+        files::remove,
+        files::tar_download,
+        files::tar_upload,
+        files::watch,
         keys::create,
         keys::list,
         keys::revoke,
@@ -71,11 +82,12 @@ pub const MAX_BODY: usize = 64 << 20;
         system::healthz,
         system::metrics,
     ),
-    components(schemas(cove_api::ErrorBody, cove_api::ErrorCode, cove_api::Scope)),
+    components(schemas(cove_api::ErrorBody, cove_api::ErrorCode, cove_api::Scope, cove_api::WatchEvent)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "sandboxes", description = "Create, list, pause, resume and delete sandboxes"),
         (name = "exec", description = "Run commands in sandboxes"),
+        (name = "files", description = "Files in sandboxes: transfer, list, watch"),
         (name = "keys", description = "API keys (admin)"),
         (name = "system", description = "Health, metrics and templates"),
     )
@@ -173,6 +185,24 @@ pub fn native_routes() -> Router<AppState> {
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/v1/sandboxes/{id}/wait", get(sandboxes::wait))
         .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::download)
+                .put(files::upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/sandboxes/{id}/fs", delete(files::remove))
+        .route("/v1/sandboxes/{id}/fs/stat", get(files::stat))
+        .route("/v1/sandboxes/{id}/fs/list", get(files::list))
+        .route("/v1/sandboxes/{id}/fs/mkdir", post(files::mkdir))
+        .route("/v1/sandboxes/{id}/fs/move", post(files::rename))
+        .route(
+            "/v1/sandboxes/{id}/fs/tar",
+            get(files::tar_download)
+                .put(files::tar_upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/sandboxes/{id}/fs/watch", get(files::watch))
         .route("/v1/keys", post(keys::create).get(keys::list))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/templates", get(system::templates))
