@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod files;
 pub mod paths;
 
 use std::time::Duration;
