@@ -591,7 +591,8 @@ impl Unpacker {
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                let target_parts = clean_name(&target_raw, "hard link target")?;
+                let target_parts =
+                    clean_name(&target_raw, &format!("entry {entry_name:?} links to"))?;
                 let Some((target_last, target_parent)) = target_parts.split_last() else {
                     return Err(invalid(format!(
                         "archive entry {entry_name:?} links to nothing"
