@@ -112,7 +112,12 @@ async fn serve(config: AgentConfig, endpoints: Endpoints) -> i32 {
             return 1;
         }
     };
-    let files = files::Files::new(&config.root, &config.cwd, config.user.clone());
+    let files = files::Files::new(
+        &config.root,
+        &config.cwd,
+        config.user.clone(),
+        config.hostname.clone(),
+    );
     let agent = Rc::new(Agent {
         config,
         devnull,
@@ -198,6 +203,14 @@ fn stream_from(fd: OwnedFd) -> std::io::Result<UnixStream> {
 }
 
 async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
+    // A bulk file transfer takes its connection whole (see files::transfer).
+    let Some(stream) = agent.files.take_transfer(stream).await else {
+        agent
+            .connections
+            .set(agent.connections.get().saturating_sub(1));
+        agent.idle.notify_waiters();
+        return;
+    };
     let (read, write) = stream.into_split();
     let mut reader = FramedRead::new(read, FrameCodec::<HostMessage, AgentMessage>::new());
     let (tx, mut rx) = mpsc::channel::<AgentMessage>(64);

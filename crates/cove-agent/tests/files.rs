@@ -164,3 +164,103 @@ async fn tar_and_watch() {
     drop(watch);
     a.client.ping().await.unwrap();
 }
+
+/// An agent listening on a unix socket, for transfer connections.
+struct Listening {
+    child: Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn listening() -> Listening {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_cove-agent"))
+        .arg("--listen")
+        .arg(&socket)
+        .args(["--cwd", "/tmp"])
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Listening {
+        child,
+        socket,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn transfer_connections() {
+    use cove_protocol::client::{transfer_read, transfer_write};
+    let agent = listening().await;
+    let connect = || tokio::net::UnixStream::connect(&agent.socket);
+    let dir = tempfile::tempdir().unwrap();
+    let file = format!("{}/up/data.bin", dir.path().display());
+    let data: Vec<u8> = (0..7_000_000u32).map(|i| (i % 249) as u8).collect();
+
+    let mut up = transfer_write(connect().await.unwrap(), &file, Some(0o640))
+        .await
+        .unwrap();
+    for piece in data.chunks(300_000) {
+        up.write(piece).await.unwrap();
+    }
+    let entry = up.finish().await.unwrap();
+    assert_eq!((entry.size, entry.mode), (7_000_000, 0o640));
+    assert_eq!(std::fs::read(&file).unwrap(), data);
+
+    let mut down = transfer_read(connect().await.unwrap(), &file)
+        .await
+        .unwrap();
+    assert_eq!(down.entry().size, 7_000_000);
+    let mut back = Vec::new();
+    while let Some(chunk) = down.next_chunk().await.unwrap() {
+        back.extend_from_slice(&chunk);
+    }
+    assert_eq!(back, data);
+    // A file of unknown size (/proc) is read to its end.
+    let mut down = transfer_read(connect().await.unwrap(), "/proc/self/status")
+        .await
+        .unwrap();
+    let mut status = Vec::new();
+    while let Some(chunk) = down.next_chunk().await.unwrap() {
+        status.extend_from_slice(&chunk);
+    }
+    assert!(String::from_utf8_lossy(&status).contains("cove-agent"));
+
+    // An upload that breaks off leaves the old file and no temporary file.
+    let mut up = transfer_write(connect().await.unwrap(), &file, None)
+        .await
+        .unwrap();
+    up.write(b"partial").await.unwrap();
+    drop(up);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(std::fs::read(&file).unwrap(), data);
+    assert_eq!(std::fs::read_dir(dir.path().join("up")).unwrap().count(), 1);
+    // Errors come back before any byte moves.
+    let err = transfer_read(connect().await.unwrap(), dir.path().to_str().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(fs_kind(err), FsErrorKind::IsADirectory);
+    let err = transfer_write(connect().await.unwrap(), dir.path().to_str().unwrap(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(fs_kind(err), FsErrorKind::IsADirectory);
+    // The ordinary protocol still works on the same listener.
+    let client = AgentClient::connect(connect().await.unwrap(), "test")
+        .await
+        .unwrap();
+    client.ping().await.unwrap();
+    assert_eq!(client.fs_stat(&file, false).await.unwrap().size, 7_000_000);
+}

@@ -340,6 +340,14 @@ fn round_trips_metadata_and_errors() {
     assert_eq!(status, 404);
     assert_eq!(get(&d, "sbx-00000000", "/x").0, 404);
 
+    // A full disk is a 507 that leaves the old file whole and no temporary file.
+    let small = d.create(json!({"disk": "16M"}));
+    assert_eq!(put(&d, &small, "/workspace/keep", b"old".to_vec()).0, 200);
+    let (status, err) = put(&d, &small, "/workspace/keep", vec![1u8; 24 << 20]);
+    assert_eq!((status, code(&err)), (507, "insufficient_storage"), "{err}");
+    assert_eq!(get(&d, &small, "/workspace/keep"), (200, b"old".to_vec()));
+    assert_eq!(d.sh(&small, "ls -A /workspace")["stdout"], "keep\n");
+
     // What an upload creates belongs to the sandbox's default user.
     let user_box = d.create(json!({"user": "nobody"}));
     let (_, entry) = put(&d, &user_box, "/tmp/up/mine", b"x".to_vec());

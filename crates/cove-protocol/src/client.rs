@@ -21,7 +21,9 @@ use crate::{
 };
 
 mod fs;
+mod transfer;
 pub use fs::{FsDownload, FsUpload, FsWatch};
+pub use transfer::{TransferDownload, TransferUpload, transfer_read, transfer_write};
 
 /// Most stdin bytes a [`StdinWriter`] leaves unacknowledged.
 const STDIN_IN_FLIGHT: u64 = 4 * MAX_CHUNK as u64;

@@ -22,6 +22,29 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The `Hello` client name that makes a connection a *transfer
+/// connection*: one bulk file transfer, raw bytes instead of frames.
+///
+/// ```text
+///  host                                      agent
+///   │ Hello{client: TRANSFER_CLIENT} ──────▶  │
+///   │                          ◀────────────  │ Hello
+///   │ Fs{req, Start(Read | Write)}  ───────▶  │
+///   │                          ◀────────────  │ Fs{req, Ready} (or Fs{req, Done(Err)} and close)
+///   │ write:  [len u32 LE][len bytes]… [0] ─▶ │ ◀─ Fs{req, Done}
+///   │ read:   ◀─ [len u32 LE][len bytes]… [0] Fs{req, Done}
+/// ```
+///
+/// Lengths are at most [`TRANSFER_MAX_CHUNK`]. The socket's own buffers are
+/// the flow control, and the agent moves the bytes between the socket and
+/// the file without copying them through itself (`splice`, `sendfile`).
+/// A connection that closes before the zero length aborts the transfer: an
+/// upload is rolled back, and a download the host sees end early is an error.
+pub const TRANSFER_CLIENT: &str = "cove-transfer";
+
+/// Largest chunk on a transfer connection.
+pub const TRANSFER_MAX_CHUNK: u32 = 16 << 20;
+
 /// Default download credit (bytes) a host grants when it starts a transfer.
 pub const FS_WINDOW: u64 = 2 * 1024 * 1024;
 
@@ -254,4 +277,7 @@ pub enum FsErrorKind {
     NoSpace,
     /// Any other failure.
     Io,
+    /// The agent is running as many file operations as it allows (or
+    /// cannot start a thread): try again later.
+    Busy,
 }

@@ -12,6 +12,7 @@ mod archive;
 mod control;
 mod ops;
 mod path;
+mod transfer;
 mod watch;
 
 #[cfg(test)]
@@ -45,28 +46,41 @@ pub(crate) struct Files {
     root_path: PathBuf,
     /// The sandbox's default user, who owns what uploads create.
     user: Option<String>,
+    /// The sandbox's hostname, for the greeting of transfer connections.
+    hostname: String,
     connections: RefCell<Vec<Connection>>,
 }
 
 impl Files {
-    pub(crate) fn new(root: &std::path::Path, cwd: &str, user: Option<String>) -> Files {
+    pub(crate) fn new(
+        root: &std::path::Path,
+        cwd: &str,
+        user: Option<String>,
+        hostname: String,
+    ) -> Files {
         Files {
             root: Root::open(root, cwd).map(Arc::new),
             root_path: root.to_path_buf(),
             user,
+            hostname,
             connections: RefCell::default(),
         }
     }
 
-    /// The sandbox's default user's uid and gid (`None` for root or when
-    /// the user cannot be found).
-    fn owner(&self) -> Owner {
-        match self.user.as_deref() {
-            None | Some("root") | Some("0") | Some("0:0") => None,
-            Some(user) => crate::users::resolve(&self.root_path, user)
-                .ok()
-                .map(|id| (id.uid, id.gid)),
-        }
+    /// If `stream` is a transfer connection (one bulk upload or download,
+    /// see [`cove_protocol::fs::TRANSFER_CLIENT`]), serve it on a thread
+    /// and return `None`; otherwise hand it back unread.
+    pub(crate) async fn take_transfer(
+        &self,
+        stream: tokio::net::UnixStream,
+    ) -> Option<tokio::net::UnixStream> {
+        let env = self.root.as_ref().ok().map(|root| transfer::TransferEnv {
+            root: root.clone(),
+            root_path: self.root_path.clone(),
+            user: self.user.clone(),
+            hostname: self.hostname.clone(),
+        });
+        transfer::take(env, stream).await
     }
 
     fn control(&self, tx: &ConnTx, req: u32) -> Option<Arc<Control>> {
@@ -111,7 +125,7 @@ impl Files {
 
     fn start(&self, req: u32, op: FsOp, tx: &ConnTx) -> Result<(), FsError> {
         let root = self.root.clone()?;
-        let owner = self.owner();
+        let (root_path, user) = (self.root_path.clone(), self.user.clone());
         let ctl = Control::new(match &op {
             FsOp::Read { window, .. }
             | FsOp::TarOut { window, .. }
@@ -127,7 +141,7 @@ impl Files {
             }
             if running >= MAX_OPERATIONS {
                 return Err(FsError::new(
-                    FsErrorKind::Io,
+                    FsErrorKind::Busy,
                     format!(
                         "{MAX_OPERATIONS} file operations are already running in this sandbox; try again when one ends"
                     ),
@@ -155,6 +169,9 @@ impl Files {
         let spawned = std::thread::Builder::new()
             .name(format!("cove-fs-{req}"))
             .spawn(move || {
+                // Resolved on the operation's thread: reading the sandbox's
+                // /etc/passwd must never stall the event loop.
+                let owner = owner(&root_path, user.as_deref());
                 let result = run(&root, &ctx, op, owner);
                 ctx.finish(result);
             });
@@ -162,7 +179,7 @@ impl Files {
             ctl.cancel();
             self.forget(tx, req);
             return Err(FsError::new(
-                FsErrorKind::Io,
+                FsErrorKind::Busy,
                 format!(
                     "cannot start a thread for the operation (is the sandbox's pids limit reached?): {err}"
                 ),
@@ -192,6 +209,17 @@ impl Files {
                 true
             }
         });
+    }
+}
+
+/// The sandbox's default user's uid and gid (`None` for root, or when the
+/// user cannot be found).
+fn owner(root: &std::path::Path, user: Option<&str>) -> Owner {
+    match user {
+        None | Some("root") | Some("0") | Some("0:0") => None,
+        Some(user) => crate::users::resolve(root, user)
+            .ok()
+            .map(|id| (id.uid, id.gid)),
     }
 }
 

@@ -25,6 +25,9 @@ pub(crate) type Owner = Option<(u32, u32)>;
 /// Entries sent per `Entries` message.
 const LIST_BATCH: usize = 512;
 
+/// Size of the reads and writes of file contents.
+const READ_BUF: usize = 4 * MAX_CHUNK;
+
 /// Most directory levels a listing or a recursive walk descends.
 pub(crate) const MAX_DEPTH: u32 = 64;
 
@@ -367,10 +370,8 @@ fn empty_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, dev: u64, depth: u32) -> Resul
     Ok(())
 }
 
-/// Stream a regular file to the host: `Ready` with its entry, then
-/// exactly `size` bytes (or, for a file that reports size 0 such as those
-/// in /proc, whatever it yields until end of file).
-pub(crate) fn read(root: &Root, ctx: &Ctx, path: &str) -> Result<FsDone, FsError> {
+/// Open a regular file for download: its descriptor and its entry.
+pub(crate) fn open_read(root: &Root, path: &str) -> Result<(std::fs::File, FsEntry), FsError> {
     let abs = root.absolute(path)?;
     // O_NONBLOCK: opening a FIFO must not hang; it is refused below.
     let fd = root.open_at(
@@ -399,16 +400,39 @@ pub(crate) fn read(root: &Root, ctx: &Ctx, path: &str) -> Result<FsDone, FsError
         }
     }
     let info = entry(abs.clone(), base_name(&abs), &st, None);
+    Ok((std::fs::File::from(fd), info))
+}
+
+/// The error for a file that ended before the size it had when opened.
+pub(crate) fn shrank(info: &FsEntry, sent: u64) -> FsError {
+    FsError::new(
+        FsErrorKind::Io,
+        format!(
+            "{} shrank from {} to {sent} bytes while it was read",
+            shown(&info.path),
+            info.size
+        ),
+    )
+}
+
+/// Stream a regular file to the host: `Ready` with its entry, then
+/// exactly `size` bytes (or, for a file that reports size 0 such as those
+/// in /proc, whatever it yields until end of file).
+pub(crate) fn read(root: &Root, ctx: &Ctx, path: &str) -> Result<FsDone, FsError> {
+    let (mut file, info) = open_read(root, path)?;
     let size = info.size;
-    ctx.send(FsReply::Ready { entry: Some(info) })?;
-    let mut file = std::fs::File::from(fd);
-    let mut buf = vec![0u8; MAX_CHUNK];
+    let abs = info.path.clone();
+    ctx.send(FsReply::Ready {
+        entry: Some(info.clone()),
+    })?;
+    // Large reads; `send_data` cuts them into protocol chunks.
+    let mut buf = vec![0u8; READ_BUF];
     let mut sent = 0u64;
     loop {
         let want = if size > 0 {
-            (size - sent).min(MAX_CHUNK as u64) as usize
+            (size - sent).min(READ_BUF as u64) as usize
         } else {
-            MAX_CHUNK
+            READ_BUF
         };
         if want == 0 {
             break;
@@ -420,13 +444,7 @@ pub(crate) fn read(root: &Root, ctx: &Ctx, path: &str) -> Result<FsDone, FsError
         };
         if n == 0 {
             if size > 0 {
-                return Err(FsError::new(
-                    FsErrorKind::Io,
-                    format!(
-                        "{} shrank from {size} to {sent} bytes while it was read",
-                        shown(&abs)
-                    ),
-                ));
+                return Err(shrank(&info, sent));
             }
             break;
         }
@@ -550,38 +568,54 @@ impl Drop for Staged {
     }
 }
 
-/// Copy everything from `from` into `to`, in large writes.
+/// Copy everything from `from` into `to`, in large writes (the buffer is
+/// filled from several upload chunks before it is written).
 pub(crate) fn copy(
     from: &mut impl Read,
     to: &mut impl Write,
     shown_path: &str,
 ) -> Result<u64, FsError> {
-    let mut buf = vec![0u8; 2 * MAX_CHUNK];
+    let mut buf = vec![0u8; READ_BUF];
     let mut total = 0u64;
     loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(FsError::new(FsErrorKind::Io, err.to_string())),
-        };
-        to.write_all(&buf[..n])
+        let mut filled = 0;
+        while filled < buf.len() {
+            match from.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(FsError::new(FsErrorKind::Io, err.to_string())),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        to.write_all(&buf[..filled])
             .map_err(|e| io_error(&e, shown_path))?;
-        total += n as u64;
+        total += filled as u64;
     }
 }
 
-/// Receive a file: parents are created, the bytes go to a temporary file
-/// in the destination directory, and only `End` renames it into place, so
-/// a failed or cancelled upload leaves the old file (or nothing) behind.
-/// A symlink at the destination is replaced, never followed.
-pub(crate) fn write(
+/// A file upload between its checks and its commit: the content goes to
+/// `staged.file`, [`PreparedWrite::commit`] puts it in place.
+#[derive(Debug)]
+pub(crate) struct PreparedWrite {
+    pub(crate) staged: Staged,
+    name: CString,
+    abs: String,
+    mode: u32,
+    owner: Owner,
+}
+
+/// Check and prepare an upload to `path`: parents are created, and a
+/// temporary file is made in the destination directory. A symlink at the
+/// destination will be replaced, never followed.
+pub(crate) fn prepare_write(
     root: &Root,
-    ctx: &Ctx,
     path: &str,
     mode: Option<u32>,
     owner: Owner,
-) -> Result<FsDone, FsError> {
+) -> Result<PreparedWrite, FsError> {
     let abs = root.absolute(path)?;
     let (parent_path, _) = path::split(&abs)?;
     make_dirs(root, parent_path, 0o755, owner)?;
@@ -618,17 +652,51 @@ pub(crate) fn write(
         _ => (0o644, owner),
     };
     let mode = mode_of(mode, default_mode)?;
-    let mut staged = Staged::create(dir, 0o600, &abs)?;
+    let staged = Staged::create(dir, 0o600, &abs)?;
+    Ok(PreparedWrite {
+        staged,
+        name,
+        abs,
+        mode,
+        owner,
+    })
+}
+
+impl PreparedWrite {
+    pub(crate) fn shown_path(&self) -> &str {
+        &self.abs
+    }
+
+    /// Give the file its mode and owner and rename it into place.
+    pub(crate) fn commit(self) -> Result<FsEntry, FsError> {
+        let PreparedWrite {
+            staged,
+            name,
+            abs,
+            mode,
+            owner,
+        } = self;
+        staged.finish_metadata(mode, owner, None, &abs)?;
+        let st = nix::sys::stat::fstat(&staged.file).map_err(|e| errno_error(e, &abs))?;
+        staged.commit(&name, &abs)?;
+        Ok(entry(abs.clone(), base_name(&abs), &st, None))
+    }
+}
+
+/// Receive a file over the multiplexed connection; see [`prepare_write`].
+/// Only `End` renames it into place, so a failed or cancelled upload
+/// leaves the old file (or nothing) behind.
+pub(crate) fn write(
+    root: &Root,
+    ctx: &Ctx,
+    path: &str,
+    mode: Option<u32>,
+    owner: Owner,
+) -> Result<FsDone, FsError> {
+    let mut prepared = prepare_write(root, path, mode, owner)?;
     ctx.send(FsReply::Ready { entry: None })?;
     let mut reader = UploadReader::new(ctx);
-    copy(&mut reader, &mut staged.file, &abs)?;
-    staged.finish_metadata(mode, owner, None, &abs)?;
-    let st = nix::sys::stat::fstat(&staged.file).map_err(|e| errno_error(e, &abs))?;
-    staged.commit(&name, &abs)?;
-    Ok(FsDone::Entry(entry(
-        abs.clone(),
-        base_name(&abs),
-        &st,
-        None,
-    )))
+    let shown_path = prepared.shown_path().to_string();
+    copy(&mut reader, &mut prepared.staged.file, &shown_path)?;
+    prepared.commit().map(FsDone::Entry)
 }

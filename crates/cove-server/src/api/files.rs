@@ -1,12 +1,14 @@
 //! `/v1/sandboxes/{id}/files` and `/v1/sandboxes/{id}/fs/...`: files in a
 //! sandbox, done by its agent.
 //!
-//! Bytes are streamed both ways and never held whole: a download is
-//! pulled from the agent as the HTTP client reads (the agent waits for
-//! credit), an upload is pushed to the agent as the request body arrives
-//! (the agent acknowledges what it wrote). Transfers share the sandbox's
-//! agent connection with everything else; flow control is per transfer,
-//! so a slow client holds back only its own transfer.
+//! Bytes are streamed both ways and never held whole. A file download or
+//! upload opens an agent connection of its own (a transfer connection:
+//! raw chunks, which the agent splices straight between socket and file),
+//! so its speed and its stalls concern nobody else; the socket's buffers
+//! bound what is in flight. Tar archives and the other calls share the
+//! sandbox's agent connection, with flow control per operation (credit
+//! for downloads, acknowledgements for uploads), so a slow client holds
+//! back only its own operation.
 
 use std::convert::Infallible;
 
@@ -16,6 +18,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use cove_api::files::{
     ListQuery, PathQuery, RawBytes, RemoveQuery, StatQuery, UploadQuery, WatchQuery,
 };
@@ -24,12 +27,16 @@ use cove_api::{
     TarResult, WatchEvent,
 };
 use cove_protocol::MAX_CHUNK;
-use cove_protocol::client::{AgentClient, ClientError, FsDownload, FsUpload};
+use cove_protocol::client::{
+    AgentClient, ClientError, FsDownload, FsUpload, TransferDownload, TransferUpload,
+    transfer_read, transfer_write,
+};
 use cove_protocol::fs::{FileKind, FsDone, FsEntry, FsErrorKind, FsEvent};
 use futures::StreamExt;
 
 use super::AppState;
 use super::extract::{ApiJson, ApiQuery, Auth};
+use crate::backend::AgentStream;
 use crate::error::ApiError;
 use crate::exec;
 
@@ -47,7 +54,8 @@ pub fn file_error(err: ClientError) -> ApiError {
                 FsErrorKind::IsADirectory
                 | FsErrorKind::NotADirectory
                 | FsErrorKind::Exists
-                | FsErrorKind::NotEmpty => ErrorCode::Conflict,
+                | FsErrorKind::NotEmpty
+                | FsErrorKind::Busy => ErrorCode::Conflict,
                 FsErrorKind::PermissionDenied => ErrorCode::Forbidden,
                 FsErrorKind::NoSpace => ErrorCode::InsufficientStorage,
                 FsErrorKind::Io => ErrorCode::Internal,
@@ -141,6 +149,22 @@ fn body_of(download: FsDownload) -> Body {
     Body::from_stream(stream)
 }
 
+/// The same for a file on a transfer connection of its own.
+fn transfer_body(download: TransferDownload<AgentStream>) -> Body {
+    let stream = futures::stream::unfold(Some(download), |download| async move {
+        let mut download = download?;
+        match download.next_chunk().await {
+            Ok(Some(chunk)) => Some((Ok(chunk), Some(download))),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(error = %err, "a download failed half-way");
+                Some((Err(std::io::Error::other(err.to_string())), None))
+            }
+        }
+    });
+    Body::from_stream(stream)
+}
+
 /// Feed a request body to an upload in chunks of `MAX_CHUNK`, then commit.
 async fn feed(mut upload: FsUpload, body: Body) -> Result<FsDone, ApiError> {
     let mut stream = body.into_data_stream();
@@ -159,6 +183,36 @@ async fn feed(mut upload: FsUpload, body: Body) -> Result<FsDone, ApiError> {
             let whole = pending.len() - pending.len() % MAX_CHUNK;
             upload.write(&pending[..whole]).await.map_err(file_error)?;
             pending.drain(..whole);
+        }
+    }
+    if !pending.is_empty() {
+        upload.write(&pending).await.map_err(file_error)?;
+    }
+    upload.finish().await.map_err(file_error)
+}
+
+/// Smallest piece sent on its own on a transfer connection; smaller body
+/// frames are gathered first.
+const GATHER: usize = 256 * 1024;
+
+/// Feed a request body to a transfer connection, then commit.
+async fn feed_transfer(
+    mut upload: TransferUpload<AgentStream>,
+    body: Body,
+) -> Result<FsEntry, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut pending = BytesMut::new();
+    while let Some(frame) = stream.next().await {
+        let bytes =
+            frame.map_err(|e| ApiError::invalid(format!("the request body broke off: {e}")))?;
+        if pending.is_empty() && bytes.len() >= GATHER {
+            upload.write(&bytes).await.map_err(file_error)?;
+            continue;
+        }
+        pending.extend_from_slice(&bytes);
+        if pending.len() >= GATHER {
+            upload.write(&pending).await.map_err(file_error)?;
+            pending.clear();
         }
     }
     if !pending.is_empty() {
@@ -186,10 +240,11 @@ pub async fn download(
     ApiQuery(query): ApiQuery<PathQuery>,
 ) -> Result<Response, ApiError> {
     let path = required(query.path)?;
-    let agent = agent(&state, &auth, &id).await?;
-    let download = agent.fs_read(&path).await.map_err(file_error)?;
-    let size = download.entry().map_or(0, |e| e.size);
-    let mut response = body_of(download).into_response();
+    let who = auth.require(Scope::Exec)?;
+    let stream = state.manager.agent_stream(who, &id).await?;
+    let download = transfer_read(stream, &path).await.map_err(file_error)?;
+    let size = download.entry().size;
+    let mut response = transfer_body(download).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -228,17 +283,12 @@ pub async fn upload(
     body: Body,
 ) -> Result<Json<FileEntry>, ApiError> {
     let path = required(query.path)?;
-    let agent = agent(&state, &auth, &id).await?;
-    let upload = agent
-        .fs_write(&path, query.mode.map(|m| m.0))
+    let who = auth.require(Scope::Exec)?;
+    let stream = state.manager.agent_stream(who, &id).await?;
+    let upload = transfer_write(stream, &path, query.mode.map(|m| m.0))
         .await
         .map_err(file_error)?;
-    match feed(upload, body).await? {
-        FsDone::Entry(entry) => Ok(Json(file_entry(entry))),
-        other => Err(ApiError::internal(format!(
-            "unexpected answer from the agent: {other:?}"
-        ))),
-    }
+    Ok(Json(file_entry(feed_transfer(upload, body).await?)))
 }
 
 /// Describe a path.
