@@ -17,6 +17,8 @@ use cove_template::TemplateStore;
 use crate::{ExitCode, Failure, paths};
 use cove_server::engine::{self, SandboxOptions};
 
+mod files;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Measured iterations per case.
@@ -28,6 +30,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Size of the file moved in the file transfer cases, in MiB.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    pub file_mib: u64,
 }
 
 /// Timings of one case.
@@ -333,10 +338,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     let bundle = busybox_bundle(&scratch);
     results.push(oci_runtime_case(&args, "runc run", "runc", &bundle));
     results.push(oci_runtime_case(&args, "crun run", "crun", &bundle));
+    let throughput = files::cases(&args, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
 
     if args.json {
-        let doc = serde_json::json!({ "machine": machine(), "iterations": args.iterations, "results": results });
+        let doc = serde_json::json!({ "machine": machine(), "iterations": args.iterations, "results": results, "throughput": throughput });
         println!(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| Failure::new(e.to_string()))?
@@ -372,6 +378,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             }
         }
     }
+    files::print(&throughput);
     Ok(ExitCode(0))
 }
 

@@ -35,6 +35,9 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 /// Bytes moved per `splice`/`sendfile` call, and the pipe's size.
 const PIPE_SIZE: usize = 1 << 20;
 
+/// Socket buffer size asked for on transfer connections.
+const SOCKET_BUFFER: usize = 4 << 20;
+
 /// What a transfer thread needs from the agent.
 #[derive(Debug, Clone)]
 pub(crate) struct TransferEnv {
@@ -137,6 +140,12 @@ impl Drop for Slot {
 }
 
 fn serve(env: &TransferEnv, mut stream: UnixStream) {
+    // More bytes in flight per wakeup of either side (bounded by the
+    // host's net.core.wmem_max; the default still works).
+    let _ =
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
+    let _ =
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::RcvBuf, &SOCKET_BUFFER);
     let hello = match read_frame(&mut stream) {
         Ok(HostMessage::Hello(hello)) => hello,
         _ => return,

@@ -193,7 +193,7 @@ async fn feed(mut upload: FsUpload, body: Body) -> Result<FsDone, ApiError> {
 
 /// Smallest piece sent on its own on a transfer connection; smaller body
 /// frames are gathered first.
-const GATHER: usize = 256 * 1024;
+const GATHER: usize = 64 * 1024;
 
 /// Feed a request body to a transfer connection, then commit.
 async fn feed_transfer(
