@@ -308,9 +308,13 @@ impl TemplateStore {
             .mode(0o755)
             .create(&self.root)
             .map_err(io_err("create", &self.root))?;
+        // Unique per call, not only per process: a daemon builds the host
+        // template from many requests at once on its first start.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging = self
             .root
-            .join(format!(".build-{name}-{}", std::process::id()));
+            .join(format!(".build-{name}-{}-{n}", std::process::id()));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(io_err("clean", &staging))?;
         }
