@@ -413,7 +413,9 @@ fn a_fork_bomb_hits_the_pids_limit_and_the_host_is_fine() {
         "-c",
         // The sleep starts first: a bomb that fills the pids limit must
         // not be able to stop the shell from reaching the timeout.
-        "sleep 10 & f() { f | f & }; f; wait",
+        // (dash forks each part of a pipeline itself, so the bomb runs in
+        // a subshell whose fork failures cannot end the main shell).
+        "sleep 10 & (f() { f | f & }; f); wait",
     ]);
     assert_eq!(code(&out), 124, "{}", stderr(&out));
     // The host can still start processes, and the bomb left nothing running.
@@ -584,15 +586,17 @@ fn a_killed_cove_run_is_cleaned_up_by_the_next() {
         return;
     }
     let env = Env::new();
+    // Unique to this test process: other tests run sleeps too.
+    let tag = format!("1000.{}", std::process::id());
     let mut child = env
         .cmd()
-        .args(["run", "--", "sleep", "1000"])
+        .args(["run", "--", "sleep", &tag])
         .spawn()
         .unwrap();
     // Killed once its sandbox runs the command (not half-way through
     // creating it, which is another test's subject).
     for _ in 0..500 {
-        if host_runs(&["sleep", "1000"]) {
+        if host_runs(&["sleep", &tag]) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
