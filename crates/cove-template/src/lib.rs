@@ -342,6 +342,14 @@ impl TemplateStore {
             },
         };
         let marker = dir.join("template.json");
+        // One build at a time in this process: a second one would replace
+        // the first's directory under the sandboxes already using it.
+        static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _building = (!marker.is_file()).then(|| {
+            BUILDING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
         if !marker.is_file() {
             let staging = self.staging(DEFAULT_TEMPLATE)?;
             let skeleton = staging.join("rootfs");
