@@ -13,6 +13,7 @@
 
 mod cgroup;
 mod fdio;
+mod files;
 mod process;
 pub mod spawn;
 pub mod users;
@@ -83,6 +84,7 @@ pub(crate) struct Agent {
     connections: Cell<usize>,
     serves_listener: bool,
     idle: Notify,
+    files: files::Files,
 }
 
 /// A connection from a transport tokio has no type for (vsock in a
@@ -149,6 +151,12 @@ async fn serve(
             return 1;
         }
     };
+    let files = files::Files::new(
+        &config.root,
+        &config.cwd,
+        config.user.clone(),
+        config.hostname.clone(),
+    );
     let agent = Rc::new(Agent {
         config,
         devnull,
@@ -160,6 +168,7 @@ async fn serve(
         connections: Cell::new(0),
         serves_listener: endpoints.listener.is_some() || incoming.is_some(),
         idle: Notify::new(),
+        files,
     });
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
         Ok(mut sigchld) => {
@@ -189,8 +198,7 @@ async fn serve(
         match stream_from(fd) {
             Ok(stream) => {
                 agent.connections.set(agent.connections.get() + 1);
-                let (read, write) = stream.into_split();
-                tokio::task::spawn_local(serve_connection(agent.clone(), read, write));
+                tokio::task::spawn_local(serve_unix(agent.clone(), stream));
             }
             Err(err) => eprintln!("cove-agent: bad connection fd: {err}"),
         }
@@ -208,12 +216,7 @@ async fn serve(
                         match listener.accept().await {
                             Ok((stream, _)) => {
                                 acceptor.connections.set(acceptor.connections.get() + 1);
-                                let (read, write) = stream.into_split();
-                                tokio::task::spawn_local(serve_connection(
-                                    acceptor.clone(),
-                                    read,
-                                    write,
-                                ));
+                                tokio::task::spawn_local(serve_unix(acceptor.clone(), stream));
                             }
                             Err(err) => {
                                 tracing::warn!(%err, "accept failed");
@@ -270,6 +273,20 @@ fn stream_from(fd: OwnedFd) -> std::io::Result<UnixStream> {
     let std_stream = std::os::unix::net::UnixStream::from(fd);
     std_stream.set_nonblocking(true)?;
     UnixStream::from_std(std_stream)
+}
+
+/// A connection over a Unix socket: a bulk file transfer takes it whole
+/// (see `files::transfer`); anything else speaks the framed protocol.
+async fn serve_unix(agent: Rc<Agent>, stream: UnixStream) {
+    let Some(stream) = agent.files.take_transfer(stream).await else {
+        agent
+            .connections
+            .set(agent.connections.get().saturating_sub(1));
+        agent.idle.notify_waiters();
+        return;
+    };
+    let (read, write) = stream.into_split();
+    serve_connection(agent, read, write).await;
 }
 
 async fn serve_connection<R, W>(agent: Rc<Agent>, read: R, write: W)
@@ -441,6 +458,7 @@ impl Agent {
             HostMessage::Ping { nonce } => {
                 let _ = tx.send(AgentMessage::Pong { nonce }).await;
             }
+            HostMessage::Fs { req, msg } => self.files.handle(req, msg, tx).await,
         }
     }
 
@@ -471,6 +489,7 @@ impl Agent {
             }
             self.retire(&proc);
         }
+        self.files.disconnected(tx);
     }
 
     /// Keep finished background processes within the budget: at most

@@ -331,13 +331,17 @@ unsafe fn child(a: &ChildArgs<'_>) -> ! {
         if libc::chdir(a.cwd) < 0 {
             fail(STEP_CWD);
         }
-        if libc::setgroups(a.groups.len(), a.groups.as_ptr()) < 0 {
+        // Raw system calls, not libc's wrappers: once the agent has other
+        // threads (file operations run on their own), glibc's setuid family
+        // would try to switch every thread of the process it believes it is
+        // in, from a child that only shares its memory.
+        if libc::syscall(libc::SYS_setgroups, a.groups.len(), a.groups.as_ptr()) < 0 {
             fail(STEP_GROUPS);
         }
-        if libc::setgid(a.gid) < 0 {
+        if libc::syscall(libc::SYS_setgid, a.gid) < 0 {
             fail(STEP_GID);
         }
-        if libc::setuid(a.uid) < 0 {
+        if libc::syscall(libc::SYS_setuid, a.uid) < 0 {
             fail(STEP_UID);
         }
 

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod keys;
 pub mod sandbox;
 pub mod units;
@@ -13,6 +14,9 @@ pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use exec::{
     Encoding, ExecRequest, ExecResult, ExitInfo, ProcessInfo, ProcessList, PtyRequest,
     SignalRequest, Started, StdinWritten, parse_signal,
+};
+pub use files::{
+    FileEntry, FileList, FileType, MkdirRequest, ModeValue, MoveRequest, TarResult, WatchEvent,
 };
 pub use keys::{CreateKeyRequest, KeyCreated, KeyInfo, KeyList, Scope};
 pub use sandbox::{

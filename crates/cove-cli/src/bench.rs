@@ -18,6 +18,7 @@ use crate::{ExitCode, Failure, paths};
 use cove_server::engine::{self, SandboxOptions};
 
 mod daemon;
+mod files;
 mod http;
 
 #[derive(Debug, clap::Args)]
@@ -34,6 +35,9 @@ pub struct BenchArgs {
     /// Bytes streamed in the SSE-versus-pipe case, in MiB.
     #[arg(long, default_value_t = 2048, value_name = "MIB")]
     pub stream_mib: u64,
+    /// Size of the file moved in the file transfer cases, in MiB.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    pub file_mib: u64,
 }
 
 /// Timings of one case.
@@ -375,8 +379,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     results.push(oci_runtime_case(&args, "runc run", "runc", &bundle));
     results.push(oci_runtime_case(&args, "crun run", "crun", &bundle));
     let sleep_bundle = busybox_bundle(&scratch, "sleep", &["/bin/sleep", "100000"]);
-    let (latency, rates) = http::cases(&args, &scratch, &sleep_bundle);
+    let (latency, mut rates) = http::cases(&args, &scratch, &sleep_bundle);
     results.extend(latency);
+    rates.extend(files::cases(&args, &scratch));
     let _ = std::fs::remove_dir_all(&scratch);
 
     if args.json {
@@ -384,6 +389,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             "machine": machine(),
             "iterations": args.iterations,
             "stream_mib": args.stream_mib,
+            "file_mib": args.file_mib,
             "results": results,
             "rates": rates,
         });
@@ -439,7 +445,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             ),
         }
     }
-    println!("\nN = {} MiB in the streaming cases", args.stream_mib);
+    println!(
+        "\nN = {} MiB in the streaming cases; {} MiB files in the transfer cases",
+        args.stream_mib, args.file_mib
+    );
     Ok(ExitCode(0))
 }
 

@@ -1,6 +1,7 @@
 //! `cove`: isolated sandboxes on this machine, in milliseconds.
 
 mod bench;
+mod files;
 mod remote;
 mod run;
 mod serve;
@@ -129,6 +130,15 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the daemon's OpenAPI document.
     Openapi,
+    /// Copy files or directories between this machine and a sandbox.
+    #[command(
+        after_help = "Examples:\n  cove cp ./dir ID:/workspace/\n  cove cp ID:/workspace/out.txt .\n  \
+                  cove cp ID:/workspace/dir/. ./copy\n  tar -c src | cove cp - ID:/workspace"
+    )]
+    Cp(files::CpArgs),
+    /// Look at and remove files in a sandbox.
+    #[command(subcommand)]
+    Files(files::FilesCommand),
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -185,6 +195,8 @@ fn main() {
             print!("{}", cove_server::api::openapi_json());
             Ok(ExitCode(0))
         }
+        Command::Cp(args) => files::cp(remote, args),
+        Command::Files(cmd) => files::run(remote, cmd),
     };
     match result {
         Ok(ExitCode(code)) => std::process::exit(code),

@@ -29,7 +29,7 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         let key = self
             .key
             .clone()
@@ -134,14 +134,14 @@ fn parse_scope(s: &str) -> Result<Scope, String> {
     })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(format!("cannot start the runtime: {e}")))
 }
 
-fn fail(err: cove_client::Error) -> Failure {
+pub(crate) fn fail(err: cove_client::Error) -> Failure {
     let mut message = err.to_string();
     if matches!(err, cove_client::Error::Connect { .. }) {
         message.push_str("; is `cove serve` running? (set --url or COVE_URL for a remote daemon)");

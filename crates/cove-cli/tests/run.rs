@@ -333,13 +333,16 @@ fn large_and_binary_output_arrives_intact() {
     assert_eq!(String::from_utf8_lossy(&digest.stdout), stderr(&out));
 }
 
-/// A `sleep` with this argument runs (not merely a command line naming it).
-fn host_has_sleep(arg: &str) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "sleep")
-            && std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(arg))
-    })
+/// Whether a process runs whose command line starts with `argv` (cove's
+/// own command line contains the sandboxed command too, so a substring
+/// match would find cove before the command exists).
+fn host_runs(argv: &[&str]) -> bool {
+    let mut prefix = argv.join("\0").into_bytes();
+    prefix.push(0);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.starts_with(&prefix)))
 }
 
 fn host_has_process_with(arg: &str) -> bool {
@@ -408,7 +411,11 @@ fn a_fork_bomb_hits_the_pids_limit_and_the_host_is_fine() {
         "--",
         "sh",
         "-c",
-        "(f() { f | f & }; f) & exec sleep 10",
+        // The sleep starts first: a bomb that fills the pids limit must
+        // not be able to stop the shell from reaching the timeout.
+        // (dash forks each part of a pipeline itself, so the bomb runs in
+        // a subshell whose fork failures cannot end the main shell).
+        "sleep 10 & (f() { f | f & }; f); wait",
     ]);
     assert_eq!(code(&out), 124, "{}", stderr(&out));
     // The host can still start processes, and the bomb left nothing running.
@@ -443,7 +450,7 @@ fn cpu_and_pids_limits_reach_the_cgroups() {
                 pids = Some(p.trim().to_string());
             }
         }
-        if quota.is_some() && pids.is_some() && host_has_sleep(&tag) {
+        if quota.is_some() && pids.is_some() && host_runs(&["sleep", &tag]) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
@@ -579,13 +586,17 @@ fn a_killed_cove_run_is_cleaned_up_by_the_next() {
         return;
     }
     let env = Env::new();
+    // Unique to this test process: other tests run sleeps too.
+    let tag = format!("1000.{}", std::process::id());
     let mut child = env
         .cmd()
-        .args(["run", "--", "sleep", "1000"])
+        .args(["run", "--", "sleep", &tag])
         .spawn()
         .unwrap();
-    for _ in 0..200 {
-        if !env.cgroup_children().is_empty() {
+    // Killed once its sandbox runs the command (not half-way through
+    // creating it, which is another test's subject).
+    for _ in 0..500 {
+        if host_runs(&["sleep", &tag]) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));

@@ -353,5 +353,89 @@ fn the_blocking_wrapper() {
             .run(sandbox.command("false").stdout(Stdio::null()))
             .is_err()
     );
+    sandbox.create_dir_all("/workspace/b/c").unwrap();
+    sandbox.write("/workspace/b/c/f", "blocking file").unwrap();
+    assert_eq!(sandbox.read("/workspace/b/c/f").unwrap(), b"blocking file");
+    assert_eq!(sandbox.read_dir("/workspace/b").unwrap()[0].name, "c");
+    sandbox.remove("/workspace/b").unwrap();
+    assert!(sandbox.read_dir("/workspace/b").is_err());
     sandbox.kill().unwrap();
+}
+
+#[test]
+fn file_helpers_like_std_fs() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    runtime().block_on(async {
+        let sandbox = client(&d).create(SandboxSpec::new()).await.unwrap();
+        // Binary contents survive the round trip, and a command sees them.
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+        sandbox.create_dir_all("/workspace/a/b/c").await.unwrap();
+        let entry = sandbox
+            .write("/workspace/a/b/c/data.bin", bytes.clone())
+            .await
+            .unwrap();
+        assert_eq!(entry.size, 300_000);
+        assert_eq!(
+            sandbox.read("/workspace/a/b/c/data.bin").await.unwrap(),
+            bytes
+        );
+        let out = sandbox
+            .command("sh")
+            .args(["-c", "wc -c < /workspace/a/b/c/data.bin"])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "300000");
+
+        // And a file a command writes is readable.
+        sandbox
+            .command("sh")
+            .args(["-c", "echo made by sh > /workspace/a/note.txt"])
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(
+            sandbox
+                .read_to_string("/workspace/a/note.txt")
+                .await
+                .unwrap(),
+            "made by sh\n"
+        );
+
+        let mut names: Vec<String> = sandbox
+            .read_dir("/workspace/a")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b", "note.txt"]);
+        assert!(
+            sandbox.metadata("/workspace/a/b").await.unwrap().kind
+                == cove_client::api::FileType::Dir
+        );
+
+        sandbox
+            .rename("/workspace/a/note.txt", "/workspace/note.txt")
+            .await
+            .unwrap();
+        sandbox.remove("/workspace/a").await.unwrap();
+        assert!(sandbox.read_dir("/workspace/a").await.is_err());
+        assert_eq!(sandbox.read_dir("/workspace").await.unwrap().len(), 1);
+
+        // Errors say what went wrong, with the API's code.
+        match sandbox.read("/workspace/missing").await {
+            Err(e) => assert_eq!(e.status(), Some(404), "{e}"),
+            Ok(_) => panic!("read a missing file"),
+        }
+        match sandbox.remove("/workspace/missing").await {
+            Err(e) => assert_eq!(e.status(), Some(404), "{e}"),
+            Ok(()) => panic!("removed a missing file"),
+        }
+        sandbox.kill().await.unwrap();
+    });
 }

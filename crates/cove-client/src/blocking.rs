@@ -94,6 +94,35 @@ impl Sandbox {
         self.runtime.block_on(command.run())
     }
 
+    /// See [`crate::Sandbox::read`].
+    pub fn read(&self, path: &str) -> Result<Vec<u8>, Error> {
+        self.runtime.block_on(self.inner.read(path))
+    }
+
+    /// See [`crate::Sandbox::write`].
+    pub fn write(
+        &self,
+        path: &str,
+        contents: impl Into<bytes::Bytes>,
+    ) -> Result<cove_api::FileEntry, Error> {
+        self.runtime.block_on(self.inner.write(path, contents))
+    }
+
+    /// See [`crate::Sandbox::create_dir_all`].
+    pub fn create_dir_all(&self, path: &str) -> Result<cove_api::FileEntry, Error> {
+        self.runtime.block_on(self.inner.create_dir_all(path))
+    }
+
+    /// See [`crate::Sandbox::read_dir`].
+    pub fn read_dir(&self, path: &str) -> Result<Vec<cove_api::FileEntry>, Error> {
+        self.runtime.block_on(self.inner.read_dir(path))
+    }
+
+    /// See [`crate::Sandbox::remove`].
+    pub fn remove(&self, path: &str) -> Result<(), Error> {
+        self.runtime.block_on(self.inner.remove(path))
+    }
+
     /// Destroy the sandbox.
     pub fn kill(self) -> Result<(), Error> {
         self.runtime.block_on(self.inner.kill())

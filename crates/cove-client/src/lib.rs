@@ -25,6 +25,7 @@
 
 pub mod blocking;
 pub mod command;
+pub mod files;
 pub mod paths;
 pub mod sandbox;
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cove_api::{CreateSandboxRequest, DurationValue, SizeValue};
+use cove_api::{CreateSandboxRequest, DurationValue, FileEntry, SizeValue};
 
 use crate::command::Command;
 use crate::{Client, Error};
@@ -210,6 +210,70 @@ impl Sandbox {
             .set_timeout(&self.info.id, ttl)
             .await
             .map(|_| ())
+    }
+
+    /// The whole contents of a file (like `std::fs::read`).
+    pub async fn read(&self, path: &str) -> Result<Vec<u8>, Error> {
+        self.client.read_file(&self.info.id, path).await
+    }
+
+    /// A file's contents as text (like `std::fs::read_to_string`); an error
+    /// if they are not UTF-8.
+    pub async fn read_to_string(&self, path: &str) -> Result<String, Error> {
+        String::from_utf8(self.read(path).await?).map_err(|e| {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{path} is not UTF-8: {e}"),
+            ))
+        })
+    }
+
+    /// Create or replace a file with `contents` (like `std::fs::write`).
+    /// The file appears whole or not at all.
+    pub async fn write(
+        &self,
+        path: &str,
+        contents: impl Into<bytes::Bytes>,
+    ) -> Result<FileEntry, Error> {
+        self.client
+            .write_file(&self.info.id, path, contents, None)
+            .await
+    }
+
+    /// Create a directory and any missing parents (like
+    /// `std::fs::create_dir_all`).
+    pub async fn create_dir_all(&self, path: &str) -> Result<FileEntry, Error> {
+        self.client.mkdir(&self.info.id, path, true, None).await
+    }
+
+    /// The entries of a directory (like `std::fs::read_dir`, without `.`
+    /// and `..`). A directory over the daemon's listing limit (10,000
+    /// entries) is an error rather than a silently short list.
+    pub async fn read_dir(&self, path: &str) -> Result<Vec<FileEntry>, Error> {
+        let list = self.client.list_dir(&self.info.id, path, 1).await?;
+        if list.truncated {
+            return Err(Error::Io(std::io::Error::other(format!(
+                "{path} has more entries than one listing returns"
+            ))));
+        }
+        Ok(list.entries)
+    }
+
+    /// What a path is (like `std::fs::metadata`: symlinks are followed).
+    pub async fn metadata(&self, path: &str) -> Result<FileEntry, Error> {
+        self.client.stat(&self.info.id, path, true).await
+    }
+
+    /// Remove a file, a symlink or a directory with everything in it (like
+    /// `std::fs::remove_file` and `remove_dir_all` in one).
+    pub async fn remove(&self, path: &str) -> Result<(), Error> {
+        self.client.remove(&self.info.id, path, true).await
+    }
+
+    /// Rename a file or directory, replacing `to` if it exists (like
+    /// `std::fs::rename`).
+    pub async fn rename(&self, from: &str, to: &str) -> Result<FileEntry, Error> {
+        self.client.move_path(&self.info.id, from, to, true).await
     }
 
     /// Destroy the sandbox and everything in it.

@@ -20,6 +20,11 @@ use crate::{
     PROTOCOL_VERSION, ProcessInfo, ProcessSpec, SpawnError, Stream,
 };
 
+mod fs;
+mod transfer;
+pub use fs::{FsDownload, FsUpload, FsWatch};
+pub use transfer::{TransferDownload, TransferUpload, transfer_read, transfer_write};
+
 /// Most stdin bytes a [`StdinWriter`] leaves unacknowledged.
 const STDIN_IN_FLIGHT: u64 = 4 * MAX_CHUNK as u64;
 
@@ -37,6 +42,9 @@ pub enum ClientError {
     Spawn(#[from] SpawnError),
     #[error("agent error: {0}")]
     Agent(String),
+    /// A file operation failed in the sandbox.
+    #[error("{0}")]
+    Fs(#[from] crate::fs::FsError),
 }
 
 /// What a [`Process`] reports, in order. `Exited` is always last.
@@ -80,6 +88,8 @@ struct Routes {
     acks: HashMap<u32, Acks>,
     pongs: HashMap<u64, oneshot::Sender<()>>,
     closed: Option<String>,
+    /// Open file operations, by request id.
+    fs: fs::FsRoutes,
 }
 
 #[derive(Debug)]
@@ -454,6 +464,7 @@ fn route(routes: &Mutex<Routes>, msg: AgentMessage) {
             }
         }
         AgentMessage::Hello(_) => {}
+        AgentMessage::Fs { req, msg } => routes.fs.route(req, msg),
     }
 }
 
@@ -471,6 +482,7 @@ fn close_all(routes: &Mutex<Routes>, reason: String) {
     routes.pending.clear();
     routes.listing.clear();
     routes.pongs.clear();
+    routes.fs.clear();
     routes.closed = Some(reason);
 }
 

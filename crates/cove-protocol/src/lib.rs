@@ -28,6 +28,7 @@
 
 pub mod client;
 mod codec;
+pub mod fs;
 
 pub use codec::{DecodeError, FrameCodec, MAX_FRAME_LEN, decode_frame, encode_frame};
 use serde::{Deserialize, Serialize};
@@ -110,6 +111,11 @@ pub enum HostMessage {
     ListProcesses {
         req: u32,
     },
+    /// A file operation (see [`fs`]): start one, feed or cancel it.
+    Fs {
+        req: u32,
+        msg: fs::FsRequest,
+    },
 }
 
 /// Messages the agent sends to the host. Same ordering rule as [`HostMessage`].
@@ -170,6 +176,11 @@ pub enum AgentMessage {
     Processes {
         req: u32,
         list: Vec<ProcessInfo>,
+    },
+    /// Progress or the end of file operation `req` (see [`fs`]).
+    Fs {
+        req: u32,
+        msg: fs::FsReply,
     },
 }
 

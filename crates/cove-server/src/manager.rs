@@ -881,6 +881,29 @@ impl Manager {
         Ok((entry, agent))
     }
 
+    /// A new connection of its own to the agent of running sandbox `id`,
+    /// for one bulk file transfer (same checks as [`Manager::agent`]), so
+    /// that a large transfer shares nothing with other requests.
+    pub async fn agent_stream(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<crate::backend::AgentStream, ApiError> {
+        let (entry, _) = self.agent(who, id).await?;
+        let instance = entry
+            .instance()
+            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        tokio::time::timeout(Duration::from_secs(10), instance.connect())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::AgentUnreachable,
+                    "the sandbox's agent did not answer within 10s",
+                )
+            })?
+            .map_err(backend_error)
+    }
+
     /// Templates as the API shows them.
     pub fn template_infos(&self) -> Vec<TemplateInfo> {
         self.inner

@@ -4,6 +4,7 @@
 
 pub(crate) mod compat;
 pub mod extract;
+mod files;
 mod keys;
 pub(crate) mod processes;
 mod sandboxes;
@@ -75,6 +76,16 @@ pub const MAX_BODY: usize = 64 << 20;
         processes::close_stdin,
         processes::stream,
         processes::attach,
+        files::download,
+        files::upload,
+        files::stat,
+        files::list,
+        files::mkdir,
+        files::rename,
+        files::remove,
+        files::tar_download,
+        files::tar_upload,
+        files::watch,
         keys::create,
         keys::list,
         keys::revoke,
@@ -82,11 +93,12 @@ pub const MAX_BODY: usize = 64 << 20;
         system::healthz,
         system::metrics,
     ),
-    components(schemas(cove_api::ErrorBody, cove_api::ErrorCode, cove_api::Scope)),
+    components(schemas(cove_api::ErrorBody, cove_api::ErrorCode, cove_api::Scope, cove_api::WatchEvent)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "sandboxes", description = "Create, list, pause, resume and delete sandboxes"),
         (name = "exec", description = "Run commands in sandboxes"),
+        (name = "files", description = "Files in sandboxes: transfer, list, watch"),
         (name = "keys", description = "API keys (admin)"),
         (name = "system", description = "Health, metrics and templates"),
     )
@@ -214,6 +226,24 @@ pub fn native_routes() -> Router<AppState> {
             "/v1/sandboxes/{id}/processes/{pid}/attach",
             get(processes::attach),
         )
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::download)
+                .put(files::upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/sandboxes/{id}/fs", delete(files::remove))
+        .route("/v1/sandboxes/{id}/fs/stat", get(files::stat))
+        .route("/v1/sandboxes/{id}/fs/list", get(files::list))
+        .route("/v1/sandboxes/{id}/fs/mkdir", post(files::mkdir))
+        .route("/v1/sandboxes/{id}/fs/move", post(files::rename))
+        .route(
+            "/v1/sandboxes/{id}/fs/tar",
+            get(files::tar_download)
+                .put(files::tar_upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/sandboxes/{id}/fs/watch", get(files::watch))
         .route("/v1/keys", post(keys::create).get(keys::list))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/templates", get(system::templates))
