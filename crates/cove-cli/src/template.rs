@@ -54,10 +54,7 @@ pub fn run(command: TemplateCommand) -> Result<ExitCode, Failure> {
             } else {
                 println!("{:<16} {:<8} SOURCE", "NAME", "KIND");
                 for t in templates {
-                    let kind = match t.meta.kind {
-                        cove_template::TemplateKind::Host => "host",
-                        cove_template::TemplateKind::Rootfs => "rootfs",
-                    };
+                    let kind = t.meta.kind.as_str();
                     println!("{:<16} {:<8} {}", t.meta.name, kind, t.meta.source);
                 }
             }

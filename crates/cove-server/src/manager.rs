@@ -912,10 +912,7 @@ impl Manager {
             .into_iter()
             .map(|t| TemplateInfo {
                 name: t.meta.name.clone(),
-                kind: match t.meta.kind {
-                    cove_template::TemplateKind::Host => "host".into(),
-                    cove_template::TemplateKind::Rootfs => "rootfs".into(),
-                },
+                kind: t.meta.kind.as_str().into(),
                 source: t.meta.source.clone(),
                 created_at: (t.meta.created > 0)
                     .then(|| cove_api::rfc3339_millis(t.meta.created * 1000)),
