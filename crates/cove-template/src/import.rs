@@ -214,8 +214,24 @@ pub struct ImportOptions {
 }
 
 impl TemplateStore {
-    /// Import `source` as template `name` (see the module doc).
+    /// Import `source` as template `name` (see the module doc). On
+    /// failure, layers stored by this import that no template uses are
+    /// removed again.
     pub fn import(
+        &self,
+        name: &str,
+        source: &Path,
+        options: &ImportOptions,
+        observer: &dyn Observer,
+    ) -> Result<Template, TemplateError> {
+        let result = self.import_inner(name, source, options, observer);
+        if result.is_err() {
+            self.collect_garbage();
+        }
+        result
+    }
+
+    fn import_inner(
         &self,
         name: &str,
         source: &Path,

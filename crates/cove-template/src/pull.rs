@@ -148,8 +148,23 @@ fn registry_error(
 }
 
 impl TemplateStore {
-    /// Pull `reference` from its registry as a template.
+    /// Pull `reference` from its registry as a template. On failure,
+    /// layers stored by this pull that no template uses are removed again.
     pub async fn pull(
+        &self,
+        reference: &str,
+        options: &PullOptions,
+        observer: Arc<dyn Observer>,
+    ) -> Result<Template, TemplateError> {
+        let result = self.pull_inner(reference, options, observer).await;
+        if result.is_err() {
+            let store = self.clone();
+            let _ = tokio::task::spawn_blocking(move || store.collect_garbage()).await;
+        }
+        result
+    }
+
+    async fn pull_inner(
         &self,
         reference: &str,
         options: &PullOptions,
@@ -284,8 +299,15 @@ impl TemplateStore {
         observer.layer(&label, "download", 0, total);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
-                if e.to_string().contains("timed out") {
+                let text = e.to_string();
+                if text.contains("timed out") {
                     timeout_error(registry, timeout, &format!("downloading {what}"))
+                } else if text.to_ascii_lowercase().contains("digest") {
+                    // oci-client checks the digest as the bytes arrive.
+                    TemplateError::Image(format!(
+                        "{what}: registry {registry} sent a blob that does not match \
+                         its digest ({text}): the blob is corrupt or was tampered with"
+                    ))
                 } else {
                     TemplateError::Registry(format!(
                         "registry {registry}: downloading {what} failed: {e}"
