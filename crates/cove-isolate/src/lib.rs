@@ -422,6 +422,7 @@ fn setup(
     };
 
     rootfs::enter(&config.rootfs, &config.state_dir.join("scratch"))?;
+    keep.push(rootfs::UPPER_FD);
     nix::unistd::sethostname(&config.id)
         .map_err(|e| SetupError::Other(format!("sethostname: {e}")))?;
     network::loopback_up()?;
