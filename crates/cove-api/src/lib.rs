@@ -20,8 +20,8 @@ pub use files::{
 };
 pub use keys::{CreateKeyRequest, KeyCreated, KeyInfo, KeyList, Scope};
 pub use sandbox::{
-    CreateSandboxRequest, Limits, Sandbox, SandboxList, SandboxState, SetTimeoutRequest,
-    TemplateInfo, TemplateList,
+    CreateSandboxRequest, CreateTemplateRequest, Limits, Sandbox, SandboxList, SandboxState,
+    SetTimeoutRequest, SnapshotRequest, TemplateInfo, TemplateList,
 };
 pub use values::{DurationValue, SizeValue};
 

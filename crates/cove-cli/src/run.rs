@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// Run this string with /bin/sh -c instead of CMD.
     #[arg(long, value_name = "SCRIPT", conflicts_with = "command")]
     pub shell: Option<String>,
+    /// Run the template's ENTRYPOINT with CMD as its arguments, as
+    /// `docker run IMAGE [ARGS…]` does: arguments given replace CMD.
+    #[arg(long, conflicts_with = "shell")]
+    pub entrypoint: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -71,18 +75,45 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// What `--entrypoint` runs: ENTRYPOINT, then `args`, or CMD when no
+/// arguments are given.
+pub fn entrypoint_argv(config: &cove_template::ImageConfig, args: &[String]) -> Vec<String> {
+    let mut argv = config.entrypoint.clone();
+    if args.is_empty() {
+        argv.extend(config.cmd.iter().cloned());
+    } else {
+        argv.extend(args.iter().cloned());
+    }
+    argv
+}
+
 /// Where `cove run` keeps its sandboxes' state.
 fn state_root() -> PathBuf {
     paths::default_runtime_dir().join("run")
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
+    let store = TemplateStore::new(paths::default_data_dir().join("templates"));
+    let template = store
+        .get(&args.template)
+        .map_err(|e| Failure::new(e.to_string()))?;
     let command = match (&args.shell, args.command.is_empty()) {
+        _ if args.entrypoint => {
+            let argv = entrypoint_argv(&template.meta.config, &args.command);
+            if argv.is_empty() {
+                return Err(Failure::usage(format!(
+                    "template {} has no ENTRYPOINT or CMD; give a command",
+                    args.template
+                )));
+            }
+            CommandLine::Argv(argv)
+        }
         (Some(script), _) => CommandLine::Shell(script.clone()),
         (None, false) => CommandLine::Argv(args.command.clone()),
         (None, true) => {
             return Err(Failure::usage(
-                "nothing to run: give a command after `--`, or --shell 'SCRIPT'",
+                "nothing to run: give a command after `--`, --shell 'SCRIPT', \
+                 or --entrypoint (the template's ENTRYPOINT and CMD)",
             ));
         }
     };
@@ -97,10 +128,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         pids: args.pids,
     };
     engine::validate_limits(&limits).map_err(Failure::new)?;
-    let store = TemplateStore::new(paths::default_data_dir().join("templates"));
-    let template = store
-        .get(&args.template)
-        .map_err(|e| Failure::new(e.to_string()))?;
     let options = SandboxOptions {
         limits,
         disk: Some(args.disk),

@@ -73,4 +73,11 @@ pub trait Instance: Send + Sync + 'static {
     async fn exited(&self) -> String;
     /// Memory in use, in bytes.
     fn memory_usage(&self) -> Option<u64>;
+    /// The host path of the sandbox's writable overlay layer (what a
+    /// snapshot copies), while it runs.
+    fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
+        Err(BackendError::Invalid(
+            "this backend cannot snapshot sandboxes; snapshots need the namespace backend".into(),
+        ))
+    }
 }

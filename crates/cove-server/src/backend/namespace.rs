@@ -286,4 +286,18 @@ impl Instance for NamespaceInstance {
     fn memory_usage(&self) -> Option<u64> {
         self.with(|s| s.cgroup.memory_usage()).flatten()
     }
+
+    fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
+        let path = cove_isolate::rootfs::upper_dir(self.record.pid);
+        if path.is_dir() {
+            Ok(path)
+        } else {
+            Err(BackendError::Failed(format!(
+                "the writable layer of sandbox {} is not reachable at {} \
+                 (was it started by an older cove?)",
+                self.record.id,
+                path.display()
+            )))
+        }
+    }
 }
