@@ -421,6 +421,7 @@ fn setup(
         None => None,
     };
 
+    rootfs::hold_locks(&config.rootfs.locks, keep)?;
     rootfs::enter(&config.rootfs, &config.state_dir.join("scratch"))?;
     keep.push(rootfs::UPPER_FD);
     nix::unistd::sethostname(&config.id)

@@ -48,6 +48,11 @@ pub struct RootfsSpec {
     pub disk_bytes: u64,
     /// Files generated for this sandbox: (path inside the sandbox, contents).
     pub files: Vec<(String, Vec<u8>)>,
+    /// Host files and directories the agent holds a shared `flock` on for
+    /// as long as it runs (its template's metadata and layers), so that
+    /// they are not removed from under it.
+    #[serde(default)]
+    pub locks: Vec<PathBuf>,
 }
 
 /// Paths under /proc that are hidden (as Docker does).
@@ -269,6 +274,29 @@ pub fn enter(spec: &RootfsSpec, scratch: &Path) -> Result<(), SetupError> {
     }
 
     pivot(&root)
+}
+
+/// Take a shared `flock` on each of `paths`; the descriptors stay open
+/// (close-on-exec) in the agent, which holds them until it exits.
+pub fn hold_locks(paths: &[PathBuf], keep: &mut Vec<RawFd>) -> Result<(), SetupError> {
+    for path in paths {
+        let fd = nix::fcntl::open(
+            path.as_path(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err("open", path))?;
+        // SAFETY: flock on a descriptor this process owns.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_SH) } < 0 {
+            return Err(SetupError::Other(format!(
+                "lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            )));
+        }
+        keep.push(std::os::fd::IntoRawFd::into_raw_fd(fd));
+    }
+    Ok(())
 }
 
 fn keep_upper_open(upper: &Path) -> Result<(), SetupError> {
