@@ -147,7 +147,12 @@ impl Observer for Bars {
     }
 
     fn step(&self, message: &str) {
-        let _ = self.multi.println(message);
+        if self.multi.is_hidden() {
+            // Not a terminal: no bars, but the steps still say what happens.
+            eprintln!("{message}");
+        } else {
+            let _ = self.multi.println(message);
+        }
     }
 }
 

@@ -383,3 +383,52 @@ fn snapshots_become_templates_and_the_source_keeps_running() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(d.call("GET", "/v1/templates/via-cli", None).0, 200);
 }
+
+/// `cove template build debian`: debootstrap from Debian's archive (about
+/// two minutes, most of it downloading ~90 packages), then python3 and
+/// apt work in a sandbox; a second build reuses the template.
+#[test]
+fn the_debian_template_runs_python_and_apt() {
+    if !root() {
+        return;
+    }
+    if !std::path::Path::new("/usr/sbin/debootstrap").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "scripts/test.sh installs debootstrap"
+        );
+        eprintln!("skipping: debootstrap is not installed");
+        return;
+    }
+    let d = Daemon::start();
+    let build = || {
+        Command::new(env!("CARGO_BIN_EXE_cove"))
+            .env("COVE_DATA_DIR", d.data_dir())
+            .args(["template", "build", "debian"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = build();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = d.create(json!({"template": "debian"}));
+    assert_eq!(
+        out(&d.sh(
+            &id,
+            "python3 -c 'import sys; print(sys.version_info[0] * 2)'"
+        )),
+        "6\n"
+    );
+    assert!(out(&d.sh(&id, "apt-get --version")).starts_with("apt "));
+    assert_eq!(out(&d.sh(&id, "pwd; id -un 1000")), "/workspace\nuser\n");
+    // The packages are cached; the template is reused.
+    assert!(
+        std::fs::read_dir(d.data_dir().join("templates/.cache/debootstrap"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+    );
+    let o = build();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already built"));
+}

@@ -9,6 +9,7 @@
 //! Progress comes from debootstrap's machine-readable channel (its
 //! `--debian-installer` mode writes `P: now end` lines to descriptor 3).
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
@@ -127,7 +128,29 @@ fn tidy(root: &Path) -> Result<(), TemplateError> {
     Ok(())
 }
 
+/// debootstrap's arguments: minbase plus `include`, packages cached in
+/// `cache` (so a rebuild downloads nothing again), progress on fd 3.
+fn debootstrap_args(options: &DebianOptions, cache: &Path, target: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--debian-installer".into(),
+        "--variant=minbase".into(),
+        format!("--cache-dir={}", cache.display()).into(),
+    ];
+    if !options.include.is_empty() {
+        args.push(format!("--include={}", options.include.join(",")).into());
+    }
+    args.push(options.suite.clone().into());
+    args.push(target.into());
+    args.push(options.mirror.clone().into());
+    args
+}
+
 impl TemplateStore {
+    /// Where debootstrap keeps downloaded packages between builds.
+    pub fn debian_cache(&self) -> std::path::PathBuf {
+        self.root().join(".cache/debootstrap")
+    }
+
     /// Build (or find) the debian template.
     pub fn build_debian(
         &self,
@@ -146,7 +169,7 @@ impl TemplateStore {
                     .into(),
             ));
         }
-        let cache = self.root().join(".cache/debootstrap");
+        let cache = self.debian_cache();
         fs::create_dir_all(&cache).map_err(io_err("create", &cache))?;
         let _busy = self.importing()?;
         let layers = self.layers();
@@ -160,16 +183,7 @@ impl TemplateStore {
         let fd = progress_write.as_raw_fd();
         let mut command = Command::new(DEBOOTSTRAP);
         command
-            .arg("--debian-installer")
-            .arg("--variant=minbase")
-            .arg(format!("--cache-dir={}", cache.display()));
-        if !options.include.is_empty() {
-            command.arg(format!("--include={}", options.include.join(",")));
-        }
-        command
-            .arg(&options.suite)
-            .arg(&target)
-            .arg(&options.mirror)
+            .args(debootstrap_args(options, &cache, &target))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -268,6 +282,78 @@ mod tests {
         fn step(&self, message: &str) {
             self.0.lock().unwrap().push(message.to_string());
         }
+    }
+
+    #[test]
+    fn arguments_cache_and_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(dir.path().join("templates"));
+        let cache = store.debian_cache();
+        assert!(cache.starts_with(store.root()));
+        let args = debootstrap_args(&DebianOptions::default(), &cache, Path::new("/t/fs"));
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            vec![
+                "--debian-installer".to_string(),
+                "--variant=minbase".into(),
+                format!("--cache-dir={}", cache.display()),
+                "--include=python3".into(),
+                "bookworm".into(),
+                "/t/fs".into(),
+                "http://deb.debian.org/debian".into(),
+            ]
+        );
+        let bare = DebianOptions {
+            include: Vec::new(),
+            suite: "trixie".into(),
+            ..DebianOptions::default()
+        };
+        let args = debootstrap_args(&bare, &cache, Path::new("/t"));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.to_string_lossy().starts_with("--include"))
+        );
+        assert_eq!(args[3], OsString::from("trixie"));
+
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            eprintln!("skipping the rest: importing a rootfs needs root");
+            return;
+        }
+        // A built template is reused without running debootstrap (this
+        // store has none; a rootfs named debian stands in for one).
+        let rootfs = dir.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("etc")).unwrap();
+        fs::write(rootfs.join("etc/os-release"), "ID=debian\n").unwrap();
+        store
+            .import(
+                "debian",
+                &rootfs,
+                &crate::ImportOptions::default(),
+                &crate::Quiet,
+            )
+            .unwrap();
+        let record = Record::default();
+        let found = store
+            .build_debian(
+                &DebianOptions {
+                    mirror: "http://127.0.0.1:9/unreachable".into(),
+                    ..DebianOptions::default()
+                },
+                &record,
+            )
+            .unwrap();
+        assert_eq!(
+            found.meta.source,
+            format!("rootfs directory {}", rootfs.display())
+        );
+        assert!(record.0.lock().unwrap()[0].contains("already built"));
     }
 
     #[test]
