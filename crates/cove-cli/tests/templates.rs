@@ -269,6 +269,28 @@ fn pull_through_the_api_from_a_local_registry() {
     let id = d.create(json!({"template": "app-v2"}));
     check_sandbox(&d, &id);
 
+    // The CLI: TLS unless --plain-http; the layers are already stored.
+    let pull = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cove"))
+            .env("COVE_DATA_DIR", d.data_dir())
+            .args(["template", "pull"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = pull(&["--name", "cli", &reference]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&registry.addr));
+    let o = pull(&["--plain-http", "--name", "cli", &reference]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "pulled template cli (2 layers)\n"
+    );
+    let (_, cli) = d.call("GET", "/v1/templates/cli", None);
+    assert_eq!(cli["layers"], t["layers"]);
+
     // A registry that accepts and never answers: 504 naming it.
     let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = hang.local_addr().unwrap().to_string();
