@@ -761,9 +761,7 @@ impl Manager {
             s if s == from => {}
             other => return Err(state_error(&entry.id, other)),
         }
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
         self.inner
             .store
             .set_state(&entry.id, to.as_str(), None, None)
@@ -858,9 +856,7 @@ impl Manager {
             return Ok((entry, agent));
         }
         // The connection broke: try once to reconnect.
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
         let agent = connect(instance.as_ref()).await?;
         *lock(&entry.agent) = Some(agent.clone());
         Ok((entry, agent))
@@ -874,9 +870,7 @@ impl Manager {
         id: &str,
     ) -> Result<(Arc<Entry>, AgentClient), ApiError> {
         let (entry, _) = self.agent(who, id).await?;
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
         let agent = connect(instance.as_ref()).await?;
         Ok((entry, agent))
     }
@@ -890,9 +884,7 @@ impl Manager {
         id: &str,
     ) -> Result<crate::backend::AgentStream, ApiError> {
         let (entry, _) = self.agent(who, id).await?;
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
         tokio::time::timeout(Duration::from_secs(10), instance.connect())
             .await
             .map_err(|_| {
@@ -1139,6 +1131,15 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no sandbox {id}"))
 }
 
+/// A running sandbox whose backend instance is gone (being recovered or
+/// torn down): retryable, not a daemon bug.
+fn no_instance(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        format!("sandbox {id} has no running backend right now; retry in a moment"),
+    )
+}
+
 fn state_error(id: &str, state: SandboxState) -> ApiError {
     match state {
         SandboxState::Paused => ApiError::new(
@@ -1150,8 +1151,8 @@ fn state_error(id: &str, state: SandboxState) -> ApiError {
             format!("sandbox {id} is {}", state.as_str()),
         ),
         SandboxState::Starting => ApiError::new(
-            ErrorCode::Conflict,
-            format!("sandbox {id} is still starting"),
+            ErrorCode::Unavailable,
+            format!("sandbox {id} is still starting; retry in a moment"),
         ),
         SandboxState::Running => {
             ApiError::new(ErrorCode::Conflict, format!("sandbox {id} is running"))
