@@ -421,7 +421,9 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<(Vm, Duration), VmErr
 
     // `quiet` keeps the serial console (slow under TCG) to warnings and
     // panics; `panic=-1` turns a guest panic into an exit of the VMM.
-    let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
+    // `nowatchdog`: a pause stops the whole VMM, so the guest's clock jumps
+    // on resume, which the soft-lockup detector would report as a stall.
+    let mut cmdline = String::from("console=ttyS0 quiet panic=-1 nowatchdog");
     if accel == Accel::Tcg {
         cmdline.push_str(&format!(" tsc_early_khz={}", host.tsc_khz));
     }

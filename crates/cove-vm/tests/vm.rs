@@ -228,10 +228,23 @@ async fn exec_pause_reattach_and_destroy() {
     assert!(tty.contains("/dev/pts/"), "{tty:?}");
     assert!(tty.contains("33 101"), "{tty:?}");
 
-    // Pause and resume: the guest keeps its state and answers again.
+    // Pause and resume: the guest keeps its state and answers again. A
+    // request sent while paused is not answered during the pause, and is
+    // answered after it (this once wedged vhost-device-vsock for good).
     vm.pause().await.expect("pause");
+    let pending = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.output(sh("echo sent while paused"), None).await })
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "a paused guest answered");
     vm.resume().await.expect("resume");
+    let out = tokio::time::timeout(Duration::from_secs(60), pending)
+        .await
+        .expect("the request sent during the pause is answered after it")
+        .unwrap()
+        .expect("process ran");
+    assert_eq!(text(&out.stdout), "sent while paused\n");
     let out = run(&agent, sh("echo after resume"), None).await;
     assert_eq!(text(&out.stdout), "after resume\n");
     let again = client(&vm).await;
@@ -296,7 +309,8 @@ async fn crashes_are_detected_with_a_reason() {
         .await
         .expect("boot");
     let agent = client(&vm).await;
-    let _ = agent.spawn(sh("echo c > /proc/sysrq-trigger")).await;
+    // Keep the handle: dropping it would kill the shell before it writes.
+    let _crash = agent.spawn(sh("echo c > /proc/sysrq-trigger")).await;
     for _ in 0..6000 {
         if !vm.is_alive() {
             break;
