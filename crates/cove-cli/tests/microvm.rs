@@ -72,7 +72,10 @@ fn static_agent() -> PathBuf {
         ])
         .arg("--target-dir")
         .arg(&target)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=symbols",
+        )
         .current_dir(&workspace)
         .status()
         .unwrap();
