@@ -28,17 +28,21 @@ pub struct BenchArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// MicroVM boots to measure (seconds each under TCG); 0 skips the
+    /// microVM cases.
+    #[arg(long, default_value_t = 3)]
+    pub vm_runs: usize,
 }
 
 /// Timings of one case.
 #[derive(Debug, serde::Serialize)]
-struct CaseResult {
-    name: String,
+pub(crate) struct CaseResult {
+    pub(crate) name: String,
     command: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    skipped: Option<String>,
+    pub(crate) skipped: Option<String>,
     samples: usize,
-    p50_ms: f64,
+    pub(crate) p50_ms: f64,
     p90_ms: f64,
     p99_ms: f64,
     mean_ms: f64,
@@ -52,7 +56,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
-fn summarize(name: &str, command: &str, mut samples: Vec<Duration>) -> CaseResult {
+pub(crate) fn summarize(name: &str, command: &str, mut samples: Vec<Duration>) -> CaseResult {
     samples.sort();
     let mean = if samples.is_empty() {
         f64::NAN
@@ -71,7 +75,7 @@ fn summarize(name: &str, command: &str, mut samples: Vec<Duration>) -> CaseResul
     }
 }
 
-fn skipped(name: &str, command: &str, reason: String) -> CaseResult {
+pub(crate) fn skipped(name: &str, command: &str, reason: String) -> CaseResult {
     CaseResult {
         name: name.into(),
         command: command.into(),
@@ -334,9 +338,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     results.push(oci_runtime_case(&args, "runc run", "runc", &bundle));
     results.push(oci_runtime_case(&args, "crun run", "crun", &bundle));
     let _ = std::fs::remove_dir_all(&scratch);
+    // Last: it starts a multi-threaded runtime.
+    let (vm_results, vm_phases) = crate::bench_vm::cases(&args);
+    results.extend(vm_results);
 
     if args.json {
-        let doc = serde_json::json!({ "machine": machine(), "iterations": args.iterations, "results": results });
+        let doc = serde_json::json!({ "machine": machine(), "iterations": args.iterations, "results": results, "microvm_boot_phases": vm_phases });
         println!(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| Failure::new(e.to_string()))?
@@ -371,6 +378,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
                 );
             }
         }
+    }
+    if let Some(phases) = vm_phases {
+        crate::bench_vm::print_phases(&results, &phases);
     }
     Ok(ExitCode(0))
 }

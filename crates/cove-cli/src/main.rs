@@ -1,6 +1,7 @@
 //! `cove`: isolated sandboxes on this machine, in milliseconds.
 
 mod bench;
+mod bench_vm;
 mod remote;
 mod run;
 mod run_vm;
