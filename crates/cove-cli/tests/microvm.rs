@@ -111,6 +111,8 @@ fn daemon(backend: &str) -> Option<Daemon> {
     let built = Command::new(env!("CARGO_BIN_EXE_cove"))
         .args(["template", "build", "busybox"])
         .env("COVE_DATA_DIR", d.data_dir())
+        // It also builds the microVM images, from the same agent and cache.
+        .envs(d.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .output()
         .unwrap();
