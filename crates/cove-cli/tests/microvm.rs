@@ -363,7 +363,10 @@ fn exec_suite(backend: &str) {
         );
     }
 
-    // The TTL is enforced by the daemon, and leaves nothing behind.
+    // The TTL is enforced by the daemon, even on a paused sandbox, and
+    // leaves nothing behind.
+    let (s, _) = d.call("POST", &path(&id, "/pause"), None);
+    assert_eq!(s, 200);
     let (s, _) = d.call(
         "POST",
         &path(&id, "/timeout"),

@@ -411,6 +411,14 @@ impl Instance for MicrovmInstance {
                 self.died.store(true, Ordering::SeqCst);
                 return format!("the microVM stopped: {reason}");
             }
+            // Without its vsock backend the VM runs but cannot be reached.
+            if let Some(helper) = self.record.helpers.iter().find(|h| !h.is_alive()) {
+                self.died.store(true, Ordering::SeqCst);
+                return format!(
+                    "the microVM's vsock backend (pid {}) exited; the VM cannot be reached",
+                    helper.pid
+                );
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         std::future::pending().await
