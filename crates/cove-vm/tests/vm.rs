@@ -88,6 +88,15 @@ fn env(group: &str) -> Option<Env> {
     }
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cove-vm-cache");
     std::fs::create_dir_all(&cache).unwrap();
+    // nextest runs each test in its own process: one at a time builds the
+    // shared template and images (a template being replaced under a
+    // concurrent disk build fails it).
+    let lock = std::fs::File::create(cache.join(".test-setup.lock")).unwrap();
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
     let agent = static_agent();
     let image = cove_vm::ensure_guest_image(&cache, &agent, &mut |done, total, what| {
         eprintln!("[image {done}/{total}] {what}");
@@ -102,6 +111,7 @@ fn env(group: &str) -> Option<Env> {
     };
     let rootfs =
         cove_vm::ensure_rootfs_image(&template.dir, &mut |_, _, _| {}).expect("rootfs image");
+    drop(lock);
     // Short: socket paths must fit in 107 bytes. One per test, since tests
     // of one binary share a PID.
     let scratch = PathBuf::from(format!("/tmp/cove-vm-test-{}-{group}", std::process::id()));
