@@ -39,6 +39,9 @@ pub struct ExecRequest {
     /// Variables for this process, over the sandbox's.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Start from an empty environment: only `env` is set.
+    #[serde(default)]
+    pub clear_env: bool,
     #[serde(default)]
     pub cwd: Option<String>,
     /// A name, a uid, or uid:gid.

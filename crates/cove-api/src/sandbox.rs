@@ -48,6 +48,12 @@ pub struct CreateSandboxRequest {
     /// `namespace` (default) or `microvm`.
     #[serde(default)]
     pub backend: Option<String>,
+    /// What the TTL does when it expires: `kill` (default) or `pause`.
+    #[serde(default)]
+    pub on_timeout: Option<String>,
+    /// Resume a paused sandbox when a command arrives, instead of a 409.
+    #[serde(default)]
+    pub auto_resume: bool,
 }
 
 /// Where a sandbox is in its life.
@@ -129,6 +135,16 @@ pub struct Sandbox {
     pub expires_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub stopped_at: Option<String>,
+    /// What the TTL does when it expires: `kill` or `pause`.
+    #[serde(default = "default_on_timeout")]
+    pub on_timeout: String,
+    /// A paused sandbox resumes when a command arrives.
+    #[serde(default)]
+    pub auto_resume: bool,
+}
+
+fn default_on_timeout() -> String {
+    "kill".into()
 }
 
 /// `GET /v1/sandboxes`.

@@ -435,6 +435,7 @@ async fn interact(
     }
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
+    let mut last = String::from("end of stream");
     while let Some(message) = source.next().await {
         match message {
             Ok(Message::Binary(frame)) if !frame.is_empty() => {
@@ -469,12 +470,19 @@ async fn interact(
                     _ => {}
                 }
             }
-            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(Message::Close(frame)) => {
+                last = format!("closed by the daemon: {frame:?}");
+                break;
+            }
+            Err(err) => {
+                last = err.to_string();
+                break;
+            }
             Ok(_) => {}
         }
     }
     Err(Failure::new(format!(
-        "the connection to process {pid} closed before it exited; it may still run (`cove ps {id}`)"
+        "the connection to process {pid} ended before it exited ({last}); it may still run (`cove ps {id}`)"
     )))
 }
 

@@ -1,25 +1,45 @@
 //! Rust SDK for cove.
 //!
+//! [`Client`] talks to a cove daemon; [`Client::create`] makes a
+//! [`Sandbox`], and [`Sandbox::command`] builds a [`Command`] shaped like
+//! `std::process::Command` (and tinyrange cc's `exec.Cmd`): `output()`,
+//! `combined_output()`, `status()`, `run()`, or `spawn()` for a [`Child`]
+//! with async stdin/stdout/stderr pipes. [`blocking`] wraps the same API for
+//! code without an async runtime. The lower-level methods on [`Client`]
+//! map one to one onto the HTTP API (`docs/api.md`).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), cove_client::Error> {
-//! let client = cove_client::Client::from_env()?;
-//! let sandbox = client.create_sandbox(&Default::default()).await?;
-//! let result = client
-//!     .exec(&sandbox.id, &cove_client::api::ExecRequest { cmd: Some("echo hi".into()), ..Default::default() })
-//!     .await?;
-//! assert_eq!(result.stdout, "hi\n");
-//! client.delete_sandbox(&sandbox.id).await?;
+//! use cove_client::{Client, SandboxSpec};
+//!
+//! let client = Client::from_env()?;
+//! let sandbox = client.create(SandboxSpec::new().memory(256 << 20)).await?;
+//! let out = sandbox.command("sh").args(["-c", "echo hi; exit 3"]).output().await?;
+//! assert_eq!(out.stdout, b"hi\n");
+//! assert_eq!(out.status.code(), Some(3));
+//! sandbox.kill().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Runnable programs are in `crates/cove-client/examples/`.
 
+pub mod blocking;
+pub mod command;
 pub mod paths;
+pub mod sandbox;
+
+pub use command::{
+    CancellationToken, Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output,
+    Stdio,
+};
+pub use sandbox::{Sandbox, SandboxSpec};
 
 use std::time::Duration;
 
 pub use cove_api as api;
 use cove_api::{
     CreateKeyRequest, CreateSandboxRequest, ErrorBody, ExecRequest, ExecResult, KeyCreated,
-    KeyList, Sandbox, SandboxList, SetTimeoutRequest, TemplateList,
+    KeyList, SandboxList, SetTimeoutRequest, TemplateList,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -46,6 +66,11 @@ pub enum Error {
     Decode(String),
     #[error("{0}")]
     Config(String),
+    /// A command ended unsuccessfully ([`Command::run`]).
+    #[error("the command failed: {0}")]
+    Exit(ExitStatus),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl Error {
@@ -169,7 +194,10 @@ impl Client {
     }
 
     /// Create a sandbox; returns once it runs.
-    pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<Sandbox, Error> {
+    pub async fn create_sandbox(
+        &self,
+        req: &CreateSandboxRequest,
+    ) -> Result<cove_api::Sandbox, Error> {
         self.json(Method::POST, "/v1/sandboxes", Some(req)).await
     }
 
@@ -183,7 +211,7 @@ impl Client {
         self.json(Method::GET, &path, None::<&()>).await
     }
 
-    pub async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Error> {
+    pub async fn get_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(Method::GET, &format!("/v1/sandboxes/{id}"), None::<&()>)
             .await
     }
@@ -193,7 +221,7 @@ impl Client {
             .await
     }
 
-    pub async fn pause_sandbox(&self, id: &str) -> Result<Sandbox, Error> {
+    pub async fn pause_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(
             Method::POST,
             &format!("/v1/sandboxes/{id}/pause"),
@@ -202,7 +230,7 @@ impl Client {
         .await
     }
 
-    pub async fn resume_sandbox(&self, id: &str) -> Result<Sandbox, Error> {
+    pub async fn resume_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(
             Method::POST,
             &format!("/v1/sandboxes/{id}/resume"),
@@ -212,7 +240,7 @@ impl Client {
     }
 
     /// Let the sandbox live `ttl` from now (zero: forever).
-    pub async fn set_timeout(&self, id: &str, ttl: Duration) -> Result<Sandbox, Error> {
+    pub async fn set_timeout(&self, id: &str, ttl: Duration) -> Result<cove_api::Sandbox, Error> {
         let body = SetTimeoutRequest {
             timeout: cove_api::DurationValue(ttl),
         };

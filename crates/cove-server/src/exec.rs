@@ -58,6 +58,7 @@ pub fn process_spec(req: &ExecRequest) -> Result<(ProcessSpec, Option<Vec<u8>>),
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    spec.clear_env = req.clear_env;
     spec.cwd = req.cwd.clone();
     spec.user = req.user.clone();
     spec.timeout_ms = req.timeout.map(|t| t.0.as_millis() as u64).unwrap_or(0);

@@ -166,7 +166,7 @@ impl Server {
             keys,
             data_dir: config.data_dir.clone(),
         };
-        let app = api::app(state, axum::Router::new());
+        let app = api::app(state, api::compat::routes());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Listen {

@@ -161,6 +161,10 @@ struct StoredSpec {
     cwd: String,
     user: Option<String>,
     limits: ApiLimits,
+    #[serde(default)]
+    pause_on_timeout: bool,
+    #[serde(default)]
+    auto_resume: bool,
 }
 
 fn view_from_row(row: &SandboxRow) -> Sandbox {
@@ -176,6 +180,12 @@ fn view_from_row(row: &SandboxRow) -> Sandbox {
             .map(|s| s.cwd.clone())
             .unwrap_or_else(|| "/workspace".into()),
         user: spec.as_ref().and_then(|s| s.user.clone()),
+        on_timeout: if spec.as_ref().is_some_and(|s| s.pause_on_timeout) {
+            "pause".into()
+        } else {
+            "kill".into()
+        },
+        auto_resume: spec.as_ref().is_some_and(|s| s.auto_resume),
         limits: spec.map(|s| s.limits).unwrap_or_default(),
         labels: serde_json::from_str(&row.labels).unwrap_or_default(),
         metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
@@ -356,6 +366,19 @@ impl Manager {
         req: CreateSandboxRequest,
         wait: bool,
     ) -> Result<Sandbox, ApiError> {
+        self.create_with_id(who, req, wait, None).await
+    }
+
+    /// Create a sandbox with a given ID (a dialect's machine that is started
+    /// again after a stop keeps its ID). An ended sandbox of that ID is
+    /// forgotten first; a live one is a conflict.
+    pub async fn create_with_id(
+        &self,
+        who: &Principal,
+        req: CreateSandboxRequest,
+        wait: bool,
+        fixed_id: Option<String>,
+    ) -> Result<Sandbox, ApiError> {
         let backend_name = req
             .backend
             .clone()
@@ -446,21 +469,45 @@ impl Manager {
             disk,
         };
 
-        let id = loop {
-            let id = engine::new_id();
-            if self.live(&id).is_none() && self.inner.store.get_sandbox(&id).await?.is_none() {
-                break id;
+        let id = match fixed_id {
+            Some(id) => {
+                validate_id(&id)?;
+                if self.live(&id).is_some() {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!("sandbox {id} is already running"),
+                    ));
+                }
+                self.inner.store.forget_sandbox(&id).await?;
+                id
             }
+            None => loop {
+                let id = engine::new_id();
+                if self.live(&id).is_none() && self.inner.store.get_sandbox(&id).await?.is_none() {
+                    break id;
+                }
+            },
         };
         let now = now_ms();
         let expires_at = match req.timeout {
             Some(t) if !t.0.is_zero() => Some(now + t.0.as_millis() as i64),
             _ => None,
         };
+        let pause_on_timeout = match req.on_timeout.as_deref() {
+            None | Some("kill") => false,
+            Some("pause") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "on_timeout {other:?} must be \"kill\" or \"pause\""
+                )));
+            }
+        };
         let spec_json = serde_json::to_string(&StoredSpec {
             cwd: cwd.clone(),
             user: user.clone(),
             limits: api_limits.clone(),
+            pause_on_timeout,
+            auto_resume: req.auto_resume,
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
         let row = SandboxRow {
@@ -626,6 +673,35 @@ impl Manager {
         });
     }
 
+    /// Forget an ended sandbox entirely (its listing row too).
+    pub async fn forget_ended(&self, id: &str) -> Result<(), ApiError> {
+        if self.live(id).is_none() {
+            self.inner.store.forget_sandbox(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Destroy a sandbox with a reason (a dialect's "stop"). Ending an ended
+    /// sandbox is not an error.
+    pub async fn stop_with_reason(
+        &self,
+        who: &Principal,
+        id: &str,
+        reason: &str,
+    ) -> Result<(), ApiError> {
+        match self.entry(who, id).await {
+            Ok(entry) => self.stop(entry, reason.to_string()).await,
+            Err(err) if err.code == ErrorCode::SandboxStopped => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The live entry of `id`, whoever owns it (for dialect adapters that
+    /// have checked ownership themselves).
+    pub fn live_entry(&self, id: &str) -> Option<Arc<Entry>> {
+        self.live(id)
+    }
+
     /// Destroy a sandbox. Deleting an ended sandbox is not an error.
     pub async fn delete(&self, who: &Principal, id: &str) -> Result<(), ApiError> {
         match self.entry(who, id).await {
@@ -668,36 +744,28 @@ impl Manager {
 
     pub async fn pause(&self, who: &Principal, id: &str) -> Result<Sandbox, ApiError> {
         let entry = self.entry(who, id).await?;
-        let _op = entry.op.lock().await;
-        match entry.state() {
-            SandboxState::Paused => return Ok(entry.view()),
-            SandboxState::Running => {}
-            other => return Err(state_error(&entry.id, other)),
-        }
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
-        self.inner
-            .store
-            .set_state(&entry.id, SandboxState::Paused.as_str(), None, None)
-            .await?;
-        if let Err(err) = instance.pause().await {
-            self.inner
-                .store
-                .set_state(&entry.id, SandboxState::Running.as_str(), None, None)
-                .await?;
-            return Err(backend_error(err));
-        }
-        entry.set(SandboxState::Paused, None);
+        self.set_paused(&entry, true).await?;
         Ok(entry.view())
     }
 
     pub async fn resume(&self, who: &Principal, id: &str) -> Result<Sandbox, ApiError> {
         let entry = self.entry(who, id).await?;
+        self.set_paused(&entry, false).await?;
+        Ok(entry.view())
+    }
+
+    /// Pause (freeze) or resume a sandbox: the transition is stored before
+    /// the backend acts, and undone if it fails.
+    async fn set_paused(&self, entry: &Arc<Entry>, pause: bool) -> Result<(), ApiError> {
         let _op = entry.op.lock().await;
+        let (from, to) = if pause {
+            (SandboxState::Running, SandboxState::Paused)
+        } else {
+            (SandboxState::Paused, SandboxState::Running)
+        };
         match entry.state() {
-            SandboxState::Running => return Ok(entry.view()),
-            SandboxState::Paused => {}
+            s if s == to => return Ok(()),
+            s if s == from => {}
             other => return Err(state_error(&entry.id, other)),
         }
         let instance = entry
@@ -705,22 +773,28 @@ impl Manager {
             .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
         self.inner
             .store
-            .set_state(&entry.id, SandboxState::Running.as_str(), None, None)
+            .set_state(&entry.id, to.as_str(), None, None)
             .await?;
-        if let Err(err) = instance.resume().await {
+        let acted = if pause {
+            instance.pause().await
+        } else {
+            instance.resume().await
+        };
+        if let Err(err) = acted {
             self.inner
                 .store
-                .set_state(&entry.id, SandboxState::Paused.as_str(), None, None)
+                .set_state(&entry.id, from.as_str(), None, None)
                 .await?;
             return Err(backend_error(err));
         }
-        entry.set(SandboxState::Running, None);
-        if entry.agent().is_none()
+        entry.set(to, None);
+        if !pause
+            && entry.agent().is_none()
             && let Ok(agent) = connect(instance.as_ref()).await
         {
             *lock(&entry.agent) = Some(agent);
         }
-        Ok(entry.view())
+        Ok(())
     }
 
     /// Set the time to live, counted from now (zero: no limit).
@@ -779,6 +853,9 @@ impl Manager {
             let mut rx = entry.state.subscribe();
             let _ = tokio::time::timeout(START_WAIT, rx.wait_for(|s| *s != SandboxState::Starting))
                 .await;
+        }
+        if entry.state() == SandboxState::Paused && entry.view().auto_resume {
+            self.set_paused(&entry, false).await?;
         }
         match entry.state() {
             SandboxState::Running => {}
@@ -915,10 +992,19 @@ impl Manager {
                         let m = manager.clone();
                         tokio::spawn(async move {
                             tracing::info!(id = %entry.id, "time to live expired");
-                            if let Err(err) =
+                            let result = if entry.view().on_timeout == "pause" {
+                                *lock(&entry.expires_at) = None;
+                                let _ = m.inner.store.set_expiry(&entry.id, None).await;
+                                if entry.state() == SandboxState::Paused {
+                                    Ok(())
+                                } else {
+                                    m.set_paused(&entry, true).await
+                                }
+                            } else {
                                 m.stop(entry, "the sandbox's timeout expired".into()).await
-                            {
-                                tracing::warn!(error = %err.message, "reaping an expired sandbox failed");
+                            };
+                            if let Err(err) = result {
+                                tracing::warn!(error = %err.message, "acting on an expired sandbox failed");
                             }
                         });
                     } else if at > now {

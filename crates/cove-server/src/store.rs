@@ -60,6 +60,21 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         meta TEXT NOT NULL
     );",
+    // 2: machines of the dialects that can stop and start again
+    // (Hyperfleet machines, GBOX boxes); a started machine is the sandbox
+    // of the same ID.
+    "CREATE TABLE machines (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX machines_by_name ON machines(kind, owner, name);",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -312,6 +327,19 @@ impl Store {
         .await
     }
 
+    /// Forget one sandbox row (an ended one, before its ID is reused).
+    pub async fn forget_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.call(move |conn| {
+            conn.execute(
+                "DELETE FROM sandboxes WHERE id = ?1 AND state IN ('stopped', 'failed')",
+                [id],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Forget sandboxes that ended before `before_ms`.
     pub async fn purge_ended(&self, before_ms: i64) -> Result<usize, StoreError> {
         self.call(move |conn| {
@@ -548,5 +576,118 @@ mod tests {
             Store::open(&path),
             Err(StoreError::TooNew { found: 99, .. })
         ));
+    }
+}
+
+/// A machine row (see migration 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRow {
+    pub id: String,
+    pub kind: String,
+    pub owner: String,
+    pub name: String,
+    pub spec: String,
+    /// `pending`, `stopped` or `terminated` while no sandbox runs for it;
+    /// `started` while one may.
+    pub status: String,
+    pub reason: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+fn machine_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRow> {
+    Ok(MachineRow {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        owner: row.get(2)?,
+        name: row.get(3)?,
+        spec: row.get(4)?,
+        status: row.get(5)?,
+        reason: row.get(6)?,
+        created_at: row.get(7)?,
+        updated_at: row.get(8)?,
+    })
+}
+
+const MACHINE_COLUMNS: &str = "id, kind, owner, name, spec, status, reason, created_at, updated_at";
+
+/// Machine queries.
+impl Store {
+    /// Insert a machine; `Ok(false)` when its name is taken for this owner.
+    pub async fn insert_machine(&self, row: MachineRow) -> Result<bool, StoreError> {
+        self.call(move |conn| {
+            match conn.execute(
+                &format!("INSERT INTO machines ({MACHINE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![row.id, row.kind, row.owner, row.name, row.spec, row.status, row.reason, row.created_at, row.updated_at],
+            ) {
+                Ok(_) => Ok(true),
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    pub async fn get_machine(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<MachineRow>, StoreError> {
+        let (kind, id) = (kind.to_string(), id.to_string());
+        self.call(move |conn| {
+            conn.query_row(
+                &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE kind = ?1 AND id = ?2"),
+                [kind, id],
+                machine_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub async fn machines(
+        &self,
+        kind: &str,
+        owner: Option<String>,
+    ) -> Result<Vec<MachineRow>, StoreError> {
+        let kind = kind.to_string();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {MACHINE_COLUMNS} FROM machines WHERE kind = ?1 AND (?2 IS NULL OR owner = ?2) ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map(params![kind, owner], machine_from_row)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn set_machine_status(
+        &self,
+        id: &str,
+        status: &str,
+        reason: Option<String>,
+    ) -> Result<(), StoreError> {
+        let (id, status) = (id.to_string(), status.to_string());
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE machines SET status = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, status, reason, now_ms()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn delete_machine(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.call(move |conn| {
+            conn.execute("DELETE FROM machines WHERE id = ?1", [id.clone()])?;
+            conn.execute(
+                "DELETE FROM sandboxes WHERE id = ?1 AND state IN ('stopped', 'failed')",
+                [id],
+            )
+            .map(|_| ())
+        })
+        .await
     }
 }

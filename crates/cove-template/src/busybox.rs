@@ -140,7 +140,8 @@ pub(crate) fn build(
                 cmd: vec!["/bin/sh".into()],
             },
         };
-        store.install(&staging, &meta)
+        store.install(&staging, &meta)?;
+        store.get("busybox")
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);

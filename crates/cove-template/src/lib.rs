@@ -281,21 +281,21 @@ impl TemplateStore {
     }
 
     /// Move a finished build from `staging` into place as `name`.
-    pub fn install(&self, staging: &Path, meta: &TemplateMeta) -> Result<Template, TemplateError> {
+    pub fn install(&self, staging: &Path, meta: &TemplateMeta) -> Result<(), TemplateError> {
         let meta_path = staging.join("template.json");
         let json =
             serde_json::to_vec_pretty(meta).map_err(|e| TemplateError::Build(e.to_string()))?;
         fs::write(&meta_path, json).map_err(io_err("write", &meta_path))?;
         let dir = self.dir(&meta.name);
         if dir.exists() {
-            let old = self
-                .root
-                .join(format!(".old-{}-{}", meta.name, std::process::id()));
+            let old = staging.with_file_name(format!(
+                ".old-{}",
+                staging.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+            ));
             fs::rename(&dir, &old).map_err(io_err("replace", &dir))?;
             let _ = fs::remove_dir_all(&old);
         }
-        fs::rename(staging, &dir).map_err(io_err("install", &dir))?;
-        self.get(&meta.name)
+        fs::rename(staging, &dir).map_err(io_err("install", &dir))
     }
 
     /// A fresh staging directory for building template `name`.
@@ -308,9 +308,12 @@ impl TemplateStore {
             .mode(0o755)
             .create(&self.root)
             .map_err(io_err("create", &self.root))?;
+        // Unique per build, also between threads of one process.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging = self
             .root
-            .join(format!(".build-{name}-{}", std::process::id()));
+            .join(format!(".build-{name}-{}-{n}", std::process::id()));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(io_err("clean", &staging))?;
         }
@@ -338,6 +341,12 @@ impl TemplateStore {
             },
         };
         let marker = dir.join("template.json");
+        // One builder at a time in this process; other processes are
+        // handled by the atomic rename in `install`.
+        static HOST_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _building = HOST_BUILD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !marker.is_file() {
             let staging = self.staging(DEFAULT_TEMPLATE)?;
             let skeleton = staging.join("rootfs");

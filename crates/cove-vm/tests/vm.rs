@@ -92,11 +92,10 @@ fn env(group: &str) -> Option<Env> {
     // shared template and images (a template being replaced under a
     // concurrent disk build fails it).
     let lock = std::fs::File::create(cache.join(".test-setup.lock")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&lock);
     // SAFETY: flock on a descriptor we own; released when `lock` closes.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
-        0
-    );
+    let locked = unsafe { libc::flock(fd, libc::LOCK_EX) };
+    assert_eq!(locked, 0);
     let agent = static_agent();
     let image = cove_vm::ensure_guest_image(&cache, &agent, &mut |done, total, what| {
         eprintln!("[image {done}/{total}] {what}");
@@ -329,7 +328,8 @@ async fn crashes_are_detected_with_a_reason() {
     let agent = client(&vm).await;
     // Keep the handle: dropping it would kill the shell before it writes.
     let _crash = agent.spawn(sh("echo c > /proc/sysrq-trigger")).await;
-    for _ in 0..6000 {
+    // Under TCG on a loaded host the panic report alone takes a while.
+    for _ in 0..18000 {
         if !vm.is_alive() {
             break;
         }

@@ -3,6 +3,7 @@
 //! metrics, and JSON errors for unknown routes and methods.
 
 mod backends;
+pub(crate) mod compat;
 pub mod extract;
 mod keys;
 pub(crate) mod processes;

@@ -738,7 +738,16 @@ async fn websocket(socket: WebSocket, agent: AgentClient, mut process: Process, 
             break;
         }
     }
-    input.abort();
+    // Let the client answer our Close (the input task reads until it does)
+    // before the socket goes: closing with its frames unread would reset
+    // the connection and could destroy the exit message in flight.
+    let abort = input.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), input)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,698 @@
+//! The seed platforms' dialects against a real daemon: every example
+//! request of each seed document (and of the compatibility notes), checked
+//! for status codes, field names, types and values as the seed states
+//! them, including the error cases. A dialect's errors never use another
+//! dialect's envelope.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Daemon, root};
+use serde_json::{Value, json};
+
+/// Send `method path` with `body`, authenticating with `auth` as
+/// ("bearer"|"x-api-key"|"none", key). Returns (status, JSON body).
+fn send(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    auth: (&str, &str),
+) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = d.http.request(method, format!("{}{path}", d.url));
+    req = match auth {
+        ("bearer", key) => req.bearer_auth(key),
+        ("x-api-key", key) => req.header("X-API-Key", key),
+        _ => req,
+    };
+    if let Some(body) = body {
+        req = req
+            .header("Content-Type", "application/json")
+            .body(body.to_string());
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn native_envelope(body: &Value) -> bool {
+    body["error"]["code"].is_string() && body["error"]["message"].is_string()
+}
+
+// ---------------------------------------------------------------- Hyperfleet
+
+#[test]
+fn hyperfleet_machines_and_exec() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let hf = |method: &str, path: &str, body: Option<Value>| {
+        send(&d, method, path, body, ("bearer", &key))
+    };
+
+    // Create: pending, with the fields the notes list.
+    let (s, m) = hf(
+        "POST",
+        "/machines",
+        Some(
+            json!({"name": "web-1", "vcpu_count": 1, "mem_size_mib": 256, "exposed_ports": [8080]}),
+        ),
+    );
+    assert_eq!(s, 201, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    assert_eq!(m["name"], "web-1");
+    assert_eq!(m["status"], "pending");
+    assert_eq!(
+        (m["vcpu_count"].as_u64(), m["mem_size_mib"].as_u64()),
+        (Some(1), Some(256))
+    );
+    assert_eq!(m["exposed_ports"], json!([8080]));
+    assert!(m["created_at"].is_string() && m["updated_at"].is_string());
+
+    // Validation errors.
+    for bad in [
+        json!({"vcpu_count": 1, "mem_size_mib": 256}),
+        json!({"name": "x", "vcpu_count": 0, "mem_size_mib": 256}),
+        json!({"name": "x", "vcpu_count": 1, "mem_size_mib": 2}),
+        json!({"name": "web-1", "vcpu_count": 1, "mem_size_mib": 256}),
+    ] {
+        let (s, e) = hf("POST", "/machines", Some(bad.clone()));
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some("VALIDATION_ERROR")),
+            "{bad}: {e}"
+        );
+    }
+
+    // Exec before start: 400 BAD_REQUEST, as the seed shows.
+    let (s, e) = hf(
+        "POST",
+        &format!("/machines/{id}/exec"),
+        Some(json!({"command": ["uname", "-a"]})),
+    );
+    assert_eq!(s, 400);
+    assert_eq!(
+        e,
+        json!({"error": {"code": "BAD_REQUEST", "message": "Machine must be running to execute commands"}})
+    );
+
+    let (s, m) = hf("POST", &format!("/machines/{id}/start"), None);
+    assert_eq!((s, m["status"].as_str()), (200, Some("running")), "{m}");
+    let (s, e) = hf("POST", &format!("/machines/{id}/start"), None);
+    assert_eq!(
+        (
+            s,
+            e["error"]["code"].as_str(),
+            e["error"]["message"].as_str()
+        ),
+        (
+            400,
+            Some("BAD_REQUEST"),
+            Some("Cannot start machine in 'running' state")
+        )
+    );
+    let (s, m) = hf(
+        "GET",
+        &format!("/machines/{id}/wait?status=running&timeout=30"),
+        None,
+    );
+    assert_eq!((s, m["status"].as_str()), (200, Some("running")));
+
+    // The seed's examples, in order.
+    let exec = |body: Value| hf("POST", &format!("/machines/{id}/exec"), Some(body));
+    let (s, r) = exec(json!({"command": ["ls", "-la", "/"], "timeout": 30}));
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(0)));
+    assert!(r["stdout"].as_str().unwrap().contains("bin"));
+    assert_eq!(
+        r.as_object().unwrap().len(),
+        3,
+        "exactly exit_code, stdout, stderr: {r}"
+    );
+    let (s, r) = exec(json!({"command": ["uname", "-a"]}));
+    assert_eq!(
+        (s, r["exit_code"].as_i64(), r["stderr"].as_str()),
+        (200, Some(0), Some(""))
+    );
+    assert!(r["stdout"].as_str().unwrap().starts_with("Linux "));
+    let (s, r) = exec(json!({"command": ["cat", "/etc/os-release"]}));
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(0)));
+    let (s, r) = exec(json!({"command": ["sleep", "5"], "timeout": 10}));
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(0)));
+    let (s, r) = exec(json!({"command": ["sh", "-c", "echo $HOME && ls -la | head -5"]}));
+    assert_eq!(s, 200);
+    assert!(r["stdout"].as_str().unwrap().starts_with("/root\n"));
+    let (s, r) = exec(json!({"command": ["rc-service", "nginx", "status"]}));
+    assert_eq!(
+        (s, r["exit_code"].as_i64()),
+        (200, Some(127)),
+        "a failing command is still a 200: {r}"
+    );
+    let (s, r) = exec(json!({"command": ["apk", "add", "--no-cache", "nginx"], "timeout": 120}));
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(127)));
+    let (s, r) = exec(json!({"command": ["sh", "-c", "echo 'Hello, World!'"]}));
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("Hello, World!\n")));
+    let (s, r) = exec(json!({"command": ["invalid-command"]}));
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(127)));
+    assert!(r["stderr"].as_str().unwrap().contains("invalid-command: "));
+    assert!(r["stderr"].as_str().unwrap().contains("not found"));
+    // `cmd` is an alias; a string command is refused, as the seed warns.
+    let (s, r) = exec(json!({"cmd": ["echo", "alias"]}));
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("alias\n")));
+    let (s, e) = exec(json!({"command": "ls -la /home"}));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("VALIDATION_ERROR"))
+    );
+    // Timeout: 504 TIMEOUT with the seed's message.
+    let (s, e) = exec(json!({"command": ["sleep", "10"], "timeout": 1}));
+    assert_eq!(s, 504);
+    assert_eq!(
+        e,
+        json!({"error": {"code": "TIMEOUT", "message": "Command execution timed out after 1 seconds"}})
+    );
+
+    // List with filters and paging.
+    let (s, list) = hf("GET", "/machines?status=running&limit=50&offset=0", None);
+    assert_eq!((s, list["total"].as_u64()), (200, Some(1)));
+    assert_eq!(list["machines"][0]["id"], id);
+    let (_, list) = hf("GET", "/machines?status=stopped", None);
+    assert_eq!(list["total"], 0);
+
+    // Wait that times out.
+    let (s, e) = hf(
+        "GET",
+        &format!("/machines/{id}/wait?status=stopped&timeout=1"),
+        None,
+    );
+    assert_eq!((s, e["error"]["code"].as_str()), (504, Some("TIMEOUT")));
+    let (s, e) = hf(
+        "GET",
+        &format!("/machines/{id}/wait?status=running&timeout=31"),
+        None,
+    );
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("VALIDATION_ERROR"))
+    );
+
+    // Restart, stop, delete.
+    let (s, m) = hf("POST", &format!("/machines/{id}/restart"), None);
+    assert_eq!((s, m["status"].as_str()), (200, Some("running")));
+    let (s, e) = hf("DELETE", &format!("/machines/{id}"), None);
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("BAD_REQUEST")),
+        "a running machine cannot be deleted"
+    );
+    let (s, m) = hf("POST", &format!("/machines/{id}/stop"), None);
+    assert_eq!((s, m["status"].as_str()), (200, Some("stopped")));
+    let (s, e) = hf(
+        "POST",
+        &format!("/machines/{id}/exec"),
+        Some(json!({"command": ["true"]})),
+    );
+    assert_eq!((s, e["error"]["code"].as_str()), (400, Some("BAD_REQUEST")));
+    let (s, m) = hf("POST", &format!("/machines/{id}/start"), None);
+    assert_eq!(
+        (s, m["status"].as_str()),
+        (200, Some("running")),
+        "a stopped machine starts again"
+    );
+    hf("POST", &format!("/machines/{id}/stop"), None);
+    let (s, _) = hf("DELETE", &format!("/machines/{id}"), None);
+    assert_eq!(s, 204);
+    let (s, e) = hf("GET", &format!("/machines/{id}"), None);
+    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
+
+    // Auth.
+    let (s, e) = send(&d, "GET", "/machines", None, ("none", ""));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (401, Some("UNAUTHORIZED"))
+    );
+    // Malformed JSON stays in Hyperfleet's envelope.
+    let resp = d
+        .http
+        .post(format!("{}/machines", d.url))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().unwrap();
+    assert_eq!(e["error"]["code"], "VALIDATION_ERROR");
+}
+
+#[test]
+fn hyperfleet_agent_unreachable_is_vsock_error() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let (_, m) = send(
+        &d,
+        "POST",
+        "/machines",
+        Some(json!({"name": "m", "vcpu_count": 1, "mem_size_mib": 128})),
+        ("bearer", &key),
+    );
+    let id = m["id"].as_str().unwrap().to_string();
+    send(
+        &d,
+        "POST",
+        &format!("/machines/{id}/start"),
+        None,
+        ("bearer", &key),
+    );
+    let agent = nix::unistd::Pid::from_raw(d.agents()[0]);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let (s, e) = send(
+        &d,
+        "POST",
+        &format!("/machines/{id}/exec"),
+        Some(json!({"command": ["true"]})),
+        ("bearer", &key),
+    );
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(s, 502);
+    assert_eq!(
+        e,
+        json!({"error": {"code": "VSOCK_ERROR", "message": "Failed to communicate with VM"}})
+    );
+}
+
+// ---------------------------------------------------------------------- HopX
+
+#[test]
+fn hopx_commands_run() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let id = d.create(json!({}));
+    let run = |body: Value| {
+        send(
+            &d,
+            "POST",
+            &format!("/hopx/{id}/commands/run"),
+            Some(body),
+            ("bearer", &key),
+        )
+    };
+
+    let (s, r) = run(json!({"command": "ls -la /workspace"}));
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(0)));
+    assert!(r["stdout"].as_str().unwrap().contains("total"));
+    assert_eq!(
+        r.as_object().unwrap().len(),
+        3,
+        "exactly stdout, stderr, exit_code: {r}"
+    );
+    let (s, r) = run(json!({"command": "echo $MY_VAR", "env": {"MY_VAR": "hello"}}));
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("hello\n")));
+    // env is for this command only.
+    let (_, r) = run(json!({"command": "echo ${MY_VAR:-unset}"}));
+    assert_eq!(r["stdout"], "unset\n");
+    // The default working directory is /workspace.
+    let (_, r) = run(json!({"command": "pwd"}));
+    assert_eq!(r["stdout"], "/workspace\n");
+    // A failed command: 500 carrying the result, as the seed's example.
+    let (s, r) = run(json!({"command": "ls -la /nonexistent"}));
+    assert_eq!(s, 500);
+    assert_eq!(r["exit_code"], 2);
+    assert_eq!(r["stdout"], "");
+    assert!(r["stderr"].as_str().unwrap().contains("/nonexistent"));
+    let (s, r) = run(json!({"command": "pip install requests numpy", "timeout": 120}));
+    assert!(
+        s == 500 && r["exit_code"].as_i64() != Some(0),
+        "no pip or no network: {r}"
+    );
+    let (s, r) = run(json!({"command": "uname -a && df -h && free -h"}));
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(0)));
+    let (s, r) =
+        run(json!({"command": "cat /workspace/data.txt | wc -l", "working_dir": "/workspace"}));
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("0\n")));
+    let (s, _) = run(
+        json!({"command": "git clone https://github.com/user/repo.git && cd repo && git log -1", "working_dir": "/workspace", "timeout": 60}),
+    );
+    assert_eq!(s, 500, "no network in a default sandbox");
+    let (s, _) = run(
+        json!({"command": "mkdir -p /workspace/output && python process.py && mv result.csv /workspace/output/", "working_dir": "/workspace"}),
+    );
+    assert_eq!(s, 500);
+    let (s, r) = run(json!({"command": "sleep 10", "timeout": 1}));
+    assert_eq!((s, r["exit_code"].as_i64()), (408, Some(124)));
+    let (s, e) = run(json!({}));
+    assert_eq!(s, 400);
+    assert!(e["error"].is_string() && !native_envelope(&e), "{e}");
+    let (s, e) = send(
+        &d,
+        "POST",
+        &format!("/hopx/{id}/commands/run"),
+        Some(json!({"command": "true"})),
+        ("none", ""),
+    );
+    assert_eq!(s, 401);
+    assert!(e["error"].is_string() && !native_envelope(&e));
+    let (s, _) = send(
+        &d,
+        "POST",
+        "/hopx/sbx-00000000/commands/run",
+        Some(json!({"command": "true"})),
+        ("bearer", &key),
+    );
+    assert_eq!(s, 404);
+}
+
+// ---------------------------------------------------------------------- GBOX
+
+#[test]
+fn gbox_boxes_and_commands() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let gb = |method: &str, path: &str, body: Option<Value>| {
+        send(
+            &d,
+            method,
+            &format!("/api/v1{path}"),
+            body,
+            ("bearer", &key),
+        )
+    };
+
+    let (s, b) = gb(
+        "POST",
+        "/boxes/linux",
+        Some(
+            json!({"config": {"labels": {"project": "web-automation", "environment": "testing"}, "envs": {"DEBUG": "true", "API_URL": "https://api.example.com"}, "expiresIn": "60m"}}),
+        ),
+    );
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (b["status"].as_str(), b["type"].as_str()),
+        (Some("running"), Some("linux"))
+    );
+    for field in ["createdAt", "updatedAt", "expiresAt"] {
+        assert!(b[field].is_string(), "{field} in {b}");
+    }
+    assert_eq!(b["config"]["labels"]["project"], "web-automation");
+    assert_eq!(b["config"]["envs"]["DEBUG"], "true");
+    assert_eq!(b["config"]["workingDir"], "/home/user");
+
+    // The seed's examples.
+    let cmd = |body: Value| gb("POST", &format!("/boxes/{id}/commands"), Some(body));
+    let (s, r) = cmd(json!({"command": "ls -l"}));
+    assert_eq!((s, r["exitCode"].as_i64()), (200, Some(0)));
+    assert!(r["stdout"].is_string() && r["stderr"].is_string());
+    let (s, r) = cmd(json!({"command": "sleep 10", "timeout": "5s"}));
+    assert_eq!(
+        (s, r["exitCode"].as_i64()),
+        (200, Some(124)),
+        "a timed-out command exits 124: {r}"
+    );
+    // envs, workingDir (default: the box's), and the box's own envs.
+    let (_, r) =
+        cmd(json!({"command": "echo $DEBUG $NODE_ENV; pwd", "envs": {"NODE_ENV": "production"}}));
+    assert_eq!(r["stdout"], "true production\n/home/user\n");
+    let (_, r) = cmd(json!({"command": "pwd", "workingDir": "/tmp"}));
+    assert_eq!(r["stdout"], "/tmp\n");
+    for t in ["500ms", "30s", "5m", "1h"] {
+        let (s, _) = cmd(json!({"command": "true", "timeout": t}));
+        assert_eq!(s, 200, "{t}");
+    }
+    // Malformed durations: 400 naming the value, in NestJS's shape.
+    let (s, e) = cmd(json!({"command": "true", "timeout": "5 seconds"}));
+    assert_eq!(s, 400);
+    assert_eq!(
+        (e["statusCode"].as_u64(), e["error"].as_str()),
+        (Some(400), Some("Bad Request"))
+    );
+    assert!(e["message"].as_str().unwrap().contains("5 seconds"), "{e}");
+    let (s, e) = cmd(json!({}));
+    assert_eq!((s, e["statusCode"].as_u64()), (400, Some(400)));
+
+    // List, with the default status filter and labels.
+    let (s, list) = gb("GET", "/boxes", None);
+    assert_eq!(s, 200);
+    assert_eq!(
+        (
+            list["total"].as_u64(),
+            list["page"].as_u64(),
+            list["pageSize"].as_u64()
+        ),
+        (Some(1), Some(1), Some(10))
+    );
+    assert_eq!(list["data"][0]["id"], id);
+    let (_, list) = gb("GET", "/boxes?labels=project=other", None);
+    assert_eq!(list["total"], 0);
+    let (_, got) = gb("GET", &format!("/boxes/{id}"), None);
+    assert_eq!(got["id"], id);
+
+    // Stop, start, terminate, delete.
+    let (s, b) = gb("POST", &format!("/boxes/{id}/stop"), None);
+    assert_eq!((s, b["status"].as_str()), (200, Some("stopped")));
+    let (s, _) = cmd(json!({"command": "true"}));
+    assert_eq!(s, 400);
+    let (_, list) = gb("GET", "/boxes", None);
+    assert_eq!(list["total"], 0, "stopped boxes are not listed by default");
+    let (_, list) = gb("GET", "/boxes?status=all", None);
+    assert_eq!(list["total"], 1);
+    let (s, b) = gb("POST", &format!("/boxes/{id}/start"), None);
+    assert_eq!((s, b["status"].as_str()), (200, Some("running")));
+    let (s, b) = gb("POST", &format!("/boxes/{id}/terminate"), None);
+    assert_eq!((s, b["status"].as_str()), (200, Some("terminated")));
+    let (s, _) = gb("POST", &format!("/boxes/{id}/start"), None);
+    assert_eq!(s, 400, "a terminated box does not start again");
+    let (s, _) = gb("DELETE", &format!("/boxes/{id}"), None);
+    assert_eq!(s, 204);
+    let (s, e) = gb("GET", &format!("/boxes/{id}"), None);
+    assert_eq!(
+        (s, e["statusCode"].as_u64(), e["error"].as_str()),
+        (404, Some(404), Some("Not Found"))
+    );
+
+    // Create without waiting; create with a bad duration.
+    let (s, b) = gb("POST", "/boxes/linux", Some(json!({"wait": false})));
+    assert_eq!(s, 201);
+    assert!(b["status"] == "pending" || b["status"] == "running", "{b}");
+    let (s, e) = gb("POST", "/boxes/linux", Some(json!({"timeout": "forever"})));
+    assert_eq!(s, 400);
+    assert!(e["message"].as_str().unwrap().contains("forever"));
+    let (s, e) = send(&d, "GET", "/api/v1/boxes", None, ("none", ""));
+    assert_eq!((s, e["statusCode"].as_u64()), (401, Some(401)));
+    assert!(!native_envelope(&e));
+}
+
+// -------------------------------------------------------------------- Declaw
+
+#[test]
+fn declaw_sandboxes_and_commands() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let dc = |method: &str, path: &str, body: Option<Value>| {
+        send(&d, method, path, body, ("x-api-key", &key))
+    };
+
+    let (s, sbx) = dc(
+        "POST",
+        "/sandboxes",
+        Some(
+            json!({"template": "base", "timeout": 300, "envs": {"TEAM": "ml"}, "metadata": {"user": "alice"}}),
+        ),
+    );
+    assert_eq!(s, 201, "{sbx}");
+    let id = sbx["sandbox_id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("sbx-") && id.len() == 12);
+    assert_eq!(sbx["state"], "running");
+    for field in ["template_id", "started_at"] {
+        assert!(sbx[field].is_string(), "{field}: {sbx}");
+    }
+    let (s, got) = dc("GET", &format!("/sandboxes/{id}"), None);
+    assert_eq!(s, 200);
+    assert_eq!(
+        (got["metadata"]["user"].as_str(), got["timeout"].as_f64()),
+        (Some("alice"), Some(300.0))
+    );
+    assert!(got["resources"]["vcpus"].is_number() && got["end_at"].is_string());
+    let (s, list) = dc("GET", "/sandboxes", None);
+    assert_eq!(s, 200);
+    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 1);
+    assert!(list.get("next_token").is_some());
+
+    // The seed's foreground example, exactly.
+    let cmd = |body: Value| dc("POST", &format!("/sandboxes/{id}/commands"), Some(body));
+    let (s, r) = cmd(json!({"cmd": "echo hello"}));
+    assert_eq!(s, 200);
+    assert_eq!(
+        r,
+        json!({"stdout": "hello\n", "stderr": "", "exit_code": 0})
+    );
+    // envs merged over the sandbox's, cwd defaulting to /home/user, timeout 0 = none.
+    let (_, r) =
+        cmd(json!({"cmd": "echo $TEAM $DEBUG; pwd", "envs": {"DEBUG": "1"}, "timeout": 0}));
+    assert_eq!(r["stdout"], "ml 1\n/home/user\n");
+    let (_, r) = cmd(json!({"cmd": "pwd; id -u", "cwd": "/tmp", "user": "nobody"}));
+    assert_eq!(r["stdout"], "/tmp\n65534\n");
+    let (_, r) = cmd(json!({"cmd": "sleep 5", "timeout": 1}));
+    assert_eq!(r["exit_code"], 124);
+
+    // The seed's background example, then wait and kill.
+    let (s, bg) = cmd(json!({"cmd": "sleep 30", "background": true}));
+    assert_eq!(s, 200);
+    let pid = bg["pid"].as_u64().unwrap();
+    let (s, k) = dc("DELETE", &format!("/sandboxes/{id}/commands/{pid}"), None);
+    assert_eq!((s, k["killed"].as_bool()), (200, Some(true)));
+    let (s, w) = dc("GET", &format!("/sandboxes/{id}/commands/{pid}/wait"), None);
+    assert_eq!((s, w["exit_code"].as_i64()), (200, Some(137)));
+    let (_, k) = dc("DELETE", &format!("/sandboxes/{id}/commands/{pid}"), None);
+    assert_eq!(k["killed"], false, "already gone");
+    let (s, w) = dc(
+        "GET",
+        &format!("/sandboxes/{id}/commands/999999/wait"),
+        None,
+    );
+    assert_eq!((s, w["exit_code"].as_i64()), (200, Some(1)));
+    assert!(w["stderr"].as_str().unwrap().contains("process not found"));
+    let (s, e) = dc("GET", &format!("/sandboxes/{id}/commands/abc/wait"), None);
+    assert_eq!(s, 400);
+    assert!(e["message"].is_string() && !native_envelope(&e));
+
+    // stdin: true reserves a pipe for send-stdin.
+    let (_, bg) = cmd(json!({"cmd": "head -n 1", "background": true, "stdin": true}));
+    let pid = bg["pid"].as_u64().unwrap();
+    let (s, r) = dc(
+        "POST",
+        &format!("/sandboxes/{id}/commands/{pid}/stdin"),
+        Some(json!({"data": "yes\n"})),
+    );
+    assert_eq!((s, r), (200, json!({})));
+    let (_, w) = dc("GET", &format!("/sandboxes/{id}/commands/{pid}/wait"), None);
+    assert_eq!(
+        (w["stdout"].as_str(), w["exit_code"].as_i64()),
+        (Some("yes\n"), Some(0))
+    );
+
+    // run-stream: stdout events, then exit.
+    let resp = d
+        .http
+        .post(format!("{}/sandboxes/{id}/commands/stream", d.url))
+        .header("X-API-Key", &key)
+        .json(&json!({"cmd": "for i in 1 2 3; do echo $i; sleep 0.5; done"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let body = resp.text().unwrap();
+    let datas: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let out: String = datas
+        .iter()
+        .filter(|v| v["stream"] == "stdout")
+        .map(|v| v["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, "1\n2\n3\n");
+    assert_eq!(datas.last().unwrap()["exit_code"], 0);
+    assert!(body.contains("event: stdout") && body.contains("event: exit"));
+
+    // Errors: 400, 401, 404, 409 paused, 410 killed, each with a message.
+    let (s, e) = cmd(json!({}));
+    assert_eq!(s, 400);
+    assert!(e["message"].is_string() && !native_envelope(&e));
+    let (s, e) = send(
+        &d,
+        "POST",
+        &format!("/sandboxes/{id}/commands"),
+        Some(json!({"cmd": "true"})),
+        ("none", ""),
+    );
+    assert_eq!(s, 401);
+    assert!(e["message"].is_string());
+    let (s, e) = dc(
+        "POST",
+        "/sandboxes/sbx-00000000/commands",
+        Some(json!({"cmd": "true"})),
+    );
+    assert_eq!(s, 404);
+    assert!(e["message"].is_string());
+    let (s, p) = dc("POST", &format!("/sandboxes/{id}/pause"), None);
+    assert_eq!((s, p["state"].as_str()), (200, Some("paused")));
+    let (s, e) = cmd(json!({"cmd": "true"}));
+    assert_eq!(s, 409);
+    assert!(e["message"].as_str().unwrap().contains("paused"));
+    let (s, p) = dc("POST", &format!("/sandboxes/{id}/resume"), None);
+    assert_eq!((s, p["state"].as_str()), (200, Some("running")));
+    let (s, _) = dc("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(s, 204);
+    let (s, e) = cmd(json!({"cmd": "true"}));
+    assert_eq!(s, 410);
+    assert!(e["message"].is_string() && !native_envelope(&e));
+    // A bearer token works too.
+    let (s, _) = send(&d, "GET", "/sandboxes", None, ("bearer", &key));
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn declaw_lifecycle_pause_on_timeout_and_auto_resume() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let dc = |method: &str, path: &str, body: Option<Value>| {
+        send(&d, method, path, body, ("x-api-key", &key))
+    };
+    let (_, sbx) = dc(
+        "POST",
+        "/sandboxes",
+        Some(json!({"timeout": 1, "lifecycle": {"on_timeout": "pause", "auto_resume": true}})),
+    );
+    let id = sbx["sandbox_id"].as_str().unwrap().to_string();
+    let (s, _) = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/wait?state=paused&timeout=20s"),
+        None,
+    );
+    assert_eq!(s, 200);
+    let (_, got) = dc("GET", &format!("/sandboxes/{id}"), None);
+    assert_eq!(
+        got["state"], "paused",
+        "the timeout paused it instead of killing it"
+    );
+    // auto_resume: a command wakes it.
+    let (s, r) = dc(
+        "POST",
+        &format!("/sandboxes/{id}/commands"),
+        Some(json!({"cmd": "echo awake"})),
+    );
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("awake\n")));
+    let (s, e) = dc(
+        "POST",
+        "/sandboxes",
+        Some(json!({"lifecycle": {"on_timeout": "explode"}})),
+    );
+    assert_eq!(s, 400);
+    assert!(e["message"].as_str().unwrap().contains("on_timeout"));
+}
