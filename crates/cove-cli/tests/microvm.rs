@@ -533,3 +533,46 @@ fn cove_run_on_a_microvm() {
         &d.runtime_dir().join("run-vm").display().to_string()
     ));
 }
+
+/// A seed platform's dialect on a microVM sandbox: HopX's API is scoped to
+/// any sandbox by ID and calls the same exec path as the native API. (The
+/// other dialects create their own sandboxes, on the default backend.)
+#[test]
+fn hopx_dialect_on_a_microvm() {
+    let Some(d) = daemon(VM) else { return };
+    let id = d.create(json!({"backend": VM}));
+    let send = |method: &str, path: &str, body: Value| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let req = d
+            .http
+            .request(method, format!("{}{path}", d.url))
+            .bearer_auth(&d.admin);
+        let resp = req.json(&body).send().unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = serde_json::from_str(&resp.text().unwrap()).unwrap_or(Value::Null);
+        (status, body)
+    };
+
+    // HopX: a shell string; a non-zero exit is a 500 carrying the result;
+    // a timeout is a 408.
+    let (s, r) = send(
+        "POST",
+        &format!("/hopx/{id}/commands/run"),
+        json!({"command": "pwd; exit 3"}),
+    );
+    assert_eq!(
+        (s, r["exit_code"].as_i64(), r["stdout"].as_str()),
+        (500, Some(3), Some("/workspace\n")),
+        "{r}"
+    );
+    let (s, r) = send(
+        "POST",
+        &format!("/hopx/{id}/commands/run"),
+        json!({"command": "sleep 10", "timeout": 1}),
+    );
+    assert_eq!((s, r["exit_code"].as_i64()), (408, Some(124)), "{r}");
+
+    let (s, _) = d.call("DELETE", &path(&id, ""), None);
+    assert_eq!(s, 204);
+    assert_nothing_left(&d);
+}
