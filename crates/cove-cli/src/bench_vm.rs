@@ -32,7 +32,7 @@ pub struct Phases {
     pub vmm_to_kernel_ms: f64,
     /// Guest kernel start to `Run /init`.
     pub kernel_to_init_ms: f64,
-    /// `/init` to the root disk mounted: 12 modules, disk probe, ext4.
+    /// `/init` to the root disk mounted: 13 modules, disk probe, ext4.
     pub init_to_root_mounted_ms: f64,
     /// Root mounted to the host seeing the agent's `Hello`: overlay,
     /// /proc /sys /dev, agent start, vsock, host polling.
