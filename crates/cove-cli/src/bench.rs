@@ -17,6 +17,9 @@ use cove_template::TemplateStore;
 use crate::{ExitCode, Failure, paths};
 use cove_server::engine::{self, SandboxOptions};
 
+mod daemon;
+mod http;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Measured iterations per case.
@@ -28,6 +31,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Bytes streamed in the SSE-versus-pipe case, in MiB.
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub stream_mib: u64,
     /// MicroVM boots to measure (seconds each under TCG); 0 skips the
     /// microVM cases.
     #[arg(long, default_value_t = 3)]
@@ -46,6 +52,41 @@ pub(crate) struct CaseResult {
     p90_ms: f64,
     p99_ms: f64,
     mean_ms: f64,
+}
+
+/// A rate (bytes or operations per second), optionally against a baseline
+/// measured in the same run.
+#[derive(Debug, serde::Serialize)]
+struct Rate {
+    name: String,
+    command: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<String>,
+    value: f64,
+    unit: &'static str,
+    /// The baseline's name and this rate over the baseline's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    versus: Option<(String, f64)>,
+}
+
+impl Rate {
+    fn new(name: &str, command: &str, value: f64, unit: &'static str) -> Rate {
+        Rate {
+            name: name.into(),
+            command: command.into(),
+            skipped: None,
+            value,
+            unit,
+            versus: None,
+        }
+    }
+
+    fn skipped(name: &str, command: &str, reason: String) -> Rate {
+        Rate {
+            skipped: Some(reason),
+            ..Rate::new(name, command, f64::NAN, "")
+        }
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -138,8 +179,8 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// An OCI bundle of the busybox template for runc and crun.
-fn busybox_bundle(dir: &Path) -> Result<PathBuf, String> {
+/// An OCI bundle of the busybox template for runc and crun, running `argv`.
+fn busybox_bundle(dir: &Path, name: &str, argv: &[&str]) -> Result<PathBuf, String> {
     let store = TemplateStore::new(paths::default_data_dir().join("templates"));
     let template = match store.get("busybox") {
         Ok(t) => t,
@@ -147,7 +188,7 @@ fn busybox_bundle(dir: &Path) -> Result<PathBuf, String> {
             .build_busybox(&mut |_, _, _| {})
             .map_err(|e| e.to_string())?,
     };
-    let bundle = dir.join("bundle");
+    let bundle = dir.join(name);
     std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
     let runc = which("runc").ok_or("runc is not installed")?;
     let spec = Command::new(runc)
@@ -165,7 +206,7 @@ fn busybox_bundle(dir: &Path) -> Result<PathBuf, String> {
     let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
     let mut config: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     config["process"]["terminal"] = false.into();
-    config["process"]["args"] = serde_json::json!(["/bin/true"]);
+    config["process"]["args"] = serde_json::json!(argv);
     config["root"]["path"] = template.layers[0].to_string_lossy().into_owned().into();
     config["root"]["readonly"] = true.into();
     std::fs::write(
@@ -334,16 +375,26 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             "bwrap is not installed".into(),
         ));
     }
-    let bundle = busybox_bundle(&scratch);
+    let bundle = busybox_bundle(&scratch, "true", &["/bin/true"]);
     results.push(oci_runtime_case(&args, "runc run", "runc", &bundle));
     results.push(oci_runtime_case(&args, "crun run", "crun", &bundle));
+    let sleep_bundle = busybox_bundle(&scratch, "sleep", &["/bin/sleep", "100000"]);
+    let (latency, rates) = http::cases(&args, &scratch, &sleep_bundle);
+    results.extend(latency);
     let _ = std::fs::remove_dir_all(&scratch);
     // Last: it starts a multi-threaded runtime.
     let (vm_results, vm_phases) = crate::bench_vm::cases(&args);
     results.extend(vm_results);
 
     if args.json {
-        let doc = serde_json::json!({ "machine": machine(), "iterations": args.iterations, "results": results, "microvm_boot_phases": vm_phases });
+        let doc = serde_json::json!({
+            "machine": machine(),
+            "iterations": args.iterations,
+            "stream_mib": args.stream_mib,
+            "results": results,
+            "rates": rates,
+            "microvm_boot_phases": vm_phases,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| Failure::new(e.to_string()))?
@@ -379,6 +430,24 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             }
         }
     }
+    println!("\n| case | rate | versus |");
+    println!("|---|---:|---|");
+    for r in &rates {
+        match &r.skipped {
+            Some(reason) => println!("| {} | skipped: {} | |", r.name, reason.replace('|', "/")),
+            None => println!(
+                "| {} | {:.0} {} | {} |",
+                r.name,
+                r.value,
+                r.unit,
+                r.versus
+                    .as_ref()
+                    .map(|(base, ratio)| format!("{:.0}% of {base}", ratio * 100.0))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    println!("\nN = {} MiB in the streaming cases", args.stream_mib);
     if let Some(phases) = vm_phases {
         crate::bench_vm::print_phases(&results, &phases);
     }

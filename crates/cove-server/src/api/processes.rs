@@ -406,23 +406,47 @@ impl EventWriter {
         if self.pending[i].is_empty() {
             self.next[i] = offset;
         }
-        let mut bytes = std::mem::take(&mut self.pending[i]);
-        bytes.extend_from_slice(data);
-        let (text, encoding, used) = match (self.encoding, std::str::from_utf8(&bytes)) {
-            (Encoding::Utf8, Ok(text)) => (text.to_string(), Encoding::Utf8, bytes.len()),
-            (Encoding::Utf8, Err(e))
-                if e.error_len().is_none() && !last && e.valid_up_to() + 4 > bytes.len() =>
-            {
+        // Most chunks arrive with nothing held back: use them in place.
+        let joined;
+        let bytes: &[u8] = if self.pending[i].is_empty() {
+            data
+        } else {
+            let mut held = std::mem::take(&mut self.pending[i]);
+            held.extend_from_slice(data);
+            joined = held;
+            &joined
+        };
+        // The event's JSON is written by hand: the payload is the bulk of
+        // it, and base64 needs no escaping.
+        // How much of the chunk goes as text; None: all of it as base64.
+        let text_len = match self.encoding {
+            Encoding::Base64 => None,
+            Encoding::Utf8 => match std::str::from_utf8(bytes) {
+                Ok(_) => Some(bytes.len()),
                 // A character split across chunks: send the rest next time.
-                let used = e.valid_up_to();
-                let text = String::from_utf8_lossy(&bytes[..used]).into_owned();
-                (text, Encoding::Utf8, used)
+                Err(e) if e.error_len().is_none() && !last && e.valid_up_to() + 4 > bytes.len() => {
+                    Some(e.valid_up_to())
+                }
+                // Not text: this chunk goes as base64.
+                Err(_) => None,
+            },
+        };
+        // The event's JSON is written by hand: the payload is the bulk of
+        // it, and base64 needs no escaping.
+        let mut json = String::with_capacity(bytes.len() * 4 / 3 + 80);
+        let used = match text_len {
+            Some(len) => {
+                let text = std::str::from_utf8(&bytes[..len]).unwrap_or_default();
+                json.push_str(r#"{"encoding":"utf-8","data":"#);
+                json.push_str(&serde_json::to_string(text).unwrap_or_default());
+                len
             }
-            _ => (
-                base64::engine::general_purpose::STANDARD.encode(&bytes),
-                Encoding::Base64,
-                bytes.len(),
-            ),
+            None => {
+                json.push_str(r#"{"encoding":"base64","data":""#);
+                base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut json);
+                json.push('"');
+                bytes.len()
+            }
         };
         self.pending[i] = bytes[used..].to_vec();
         if used == 0 {
@@ -430,12 +454,12 @@ impl EventWriter {
         }
         let start = self.next[i];
         self.next[i] += used as u64;
-        let data = serde_json::json!({ "offset": start, "data": text, "encoding": encoding });
+        json.push_str(&format!(r#","offset":{start}}}"#));
         Some(
             Event::default()
                 .event(stream.name())
                 .id(self.id())
-                .data(data.to_string()),
+                .data(json),
         )
     }
 

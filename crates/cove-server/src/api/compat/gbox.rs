@@ -425,11 +425,19 @@ async fn commands(State(state): State<AppState>, Path(id): Path<String>, req: Re
             };
             let timeout = duration(body.get("timeout"), "30s", "timeout")?;
             let m = machines::load(&state, who, KIND, &id).await?;
-            if m.state != MachineState::Running {
-                return Err(ApiError::invalid(format!(
-                    "box {id} is {}, not running",
-                    status_name(m.state)
-                )));
+            match m.state {
+                MachineState::Running => {}
+                // GBOX has no paused state: a paused box shows as running,
+                // so a command resumes it.
+                MachineState::Paused => {
+                    state.manager.resume(who, &id).await?;
+                }
+                other => {
+                    return Err(ApiError::invalid(format!(
+                        "box {id} is {}; start it before running commands",
+                        status_name(other)
+                    )));
+                }
             }
             let cwd = match body.get("workingDir") {
                 None | Some(Value::Null) => None,

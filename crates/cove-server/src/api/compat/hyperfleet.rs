@@ -93,7 +93,10 @@ fn machine_json(m: &Machine) -> Value {
         "created_at": cove_api::rfc3339_millis(m.row.created_at as u64),
         "updated_at": cove_api::rfc3339_millis(m.row.updated_at as u64),
     });
-    if let Some(reason) = &m.reason {
+    // `error` explains a failure; a stop the client asked for is not one.
+    if m.state == MachineState::Failed
+        && let Some(reason) = &m.reason
+    {
         value["error"] = reason.clone().into();
     }
     value
