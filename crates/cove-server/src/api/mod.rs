@@ -2,6 +2,7 @@
 //! middleware every request passes: request IDs, tracing, body limit,
 //! metrics, and JSON errors for unknown routes and methods.
 
+mod backends;
 pub(crate) mod compat;
 pub mod extract;
 mod files;
@@ -90,6 +91,8 @@ pub const MAX_BODY: usize = 64 << 20;
         keys::list,
         keys::revoke,
         system::templates,
+        backends::list,
+        backends::console,
         system::healthz,
         system::metrics,
     ),
@@ -247,6 +250,8 @@ pub fn native_routes() -> Router<AppState> {
         .route("/v1/keys", post(keys::create).get(keys::list))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/templates", get(system::templates))
+        .route("/v1/backends", get(backends::list))
+        .route("/v1/sandboxes/{id}/console", get(backends::console))
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi))
