@@ -216,6 +216,7 @@ pub fn run(command: TemplateCommand) -> Result<ExitCode, Failure> {
                     })?;
                 bar.finish_and_clear();
                 report(&template, "built");
+                prepare_microvm(&template);
                 Ok(ExitCode(0))
             }
             "debian" => {
@@ -327,6 +328,41 @@ pub fn run(command: TemplateCommand) -> Result<ExitCode, Failure> {
             store.remove(&name).map_err(fail)?;
             println!("removed template {name}");
             Ok(ExitCode(0))
+        }
+    }
+}
+
+/// Where the host can run microVMs, also build what a microVM of this
+/// template boots (the guest image, shared by all templates, and the
+/// template's root disk), so the first `--backend microvm` sandbox does
+/// not wait for it. Nothing here is fatal: the template itself is built.
+fn prepare_microvm(template: &cove_template::Template) {
+    let Ok(me) = std::env::current_exe() else {
+        return;
+    };
+    let agent = match cove_server::backend::microvm::probe_host(&me) {
+        Ok(agent) => agent,
+        Err(why) => {
+            eprintln!("(no microVM images built: {why})");
+            return;
+        }
+    };
+    let bar = progress_bar("microVM");
+    let mut progress = |done: u64, total: u64, msg: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(msg.to_string());
+    };
+    let built = cove_vm::ensure_guest_image(&crate::run_vm::cache_dir(), &agent, &mut progress)
+        .and_then(|_| cove_vm::ensure_rootfs_image(&template.dir, &mut progress));
+    match built {
+        Ok(disk) => {
+            bar.finish_and_clear();
+            println!("built its microVM root disk {}", disk.display());
+        }
+        Err(err) => {
+            bar.abandon();
+            eprintln!("cove: warning: the microVM images were not built: {err}");
         }
     }
 }

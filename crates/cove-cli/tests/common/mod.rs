@@ -25,10 +25,17 @@ pub struct Daemon {
     pub url: String,
     pub admin: String,
     pub http: reqwest::blocking::Client,
+    /// Extra environment of the daemon process (e.g. the microVM backend's).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with_env(Vec::new())
+    }
+
+    /// A daemon with `env` added to its environment.
+    pub fn start_with_env(env: Vec<(String, String)>) -> Daemon {
         let dirs = tempfile::tempdir().unwrap();
         let name = dirs
             .path()
@@ -48,6 +55,7 @@ impl Daemon {
                 .timeout(Duration::from_secs(120))
                 .build()
                 .unwrap(),
+            env,
         };
         daemon.spawn();
         daemon
@@ -72,6 +80,7 @@ impl Daemon {
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
             .env("COVE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
