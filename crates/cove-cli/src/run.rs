@@ -108,6 +108,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         cwd: None,
         user: None,
         cgroup_parent: paths::cgroup_parent(),
+        resolv_conf: None,
     };
 
     let root = state_root();

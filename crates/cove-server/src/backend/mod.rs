@@ -56,6 +56,11 @@ pub trait Backend: Send + Sync + 'static {
     /// IDs of sandboxes this backend has state for on the host (to find
     /// orphans the database does not know).
     fn known_ids(&self) -> Vec<String>;
+    /// Whether its sandboxes can have egress and published ports
+    /// ([`Instance::network_namespace`]).
+    fn supports_network(&self) -> bool {
+        false
+    }
 }
 
 /// One sandbox of a backend.
@@ -73,4 +78,11 @@ pub trait Instance: Send + Sync + 'static {
     async fn exited(&self) -> String;
     /// Memory in use, in bytes.
     fn memory_usage(&self) -> Option<u64>;
+    /// The sandbox's network namespace, for cove-net to wire it (a veth,
+    /// published ports). Backends without one refuse networking.
+    fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
+        Err(BackendError::Invalid(
+            "this backend has no network namespace cove can wire".into(),
+        ))
+    }
 }
