@@ -11,8 +11,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Packages the tests use: busybox-static for the busybox template, python3
-# and procps inside sandboxes, bubblewrap/runc/crun for benchmarks' peers.
-packages=(busybox-static python3 procps iproute2 bubblewrap runc crun hyperfine tmux)
+# and procps inside sandboxes, bubblewrap/runc/crun for benchmarks' peers,
+# nftables (egress rules), iproute2 and curl for the network tests.
+packages=(busybox-static python3 procps iproute2 nftables curl bubblewrap runc crun hyperfine tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

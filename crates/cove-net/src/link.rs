@@ -90,7 +90,11 @@ impl Links {
                 let request = self
                     .handle
                     .link()
-                    .add(LinkBridge::new(name).build())
+                    // A fixed address: a bridge without one takes the
+                    // lowest of its ports', and would change it when a
+                    // sandbox's veth leaves, so that the other sandboxes'
+                    // ARP entry for their gateway went stale.
+                    .add(LinkBridge::new(name).address(bridge_mac(name)).build())
                     .execute()
                     .await;
                 if let Err(e) = request
@@ -264,4 +268,17 @@ impl Links {
             .await
             .map_err(|e| describe(&format!("adding the default route via {gateway}"), e))
     }
+}
+
+/// A locally administered unicast MAC address derived from the bridge's
+/// name (stable across daemon restarts).
+fn bridge_mac(name: &str) -> Vec<u8> {
+    // FNV-1a: stable, no dependency.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let h = hash.to_be_bytes();
+    vec![0x02, 0xc0, h[0], h[1], h[2], h[3]]
 }

@@ -25,10 +25,17 @@ pub struct Daemon {
     pub url: String,
     pub admin: String,
     pub http: reqwest::blocking::Client,
+    /// More arguments of `cove serve`.
+    pub extra: Vec<String>,
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// A daemon with more arguments of `cove serve`.
+    pub fn start_with(extra: &[String]) -> Daemon {
         let dirs = tempfile::tempdir().unwrap();
         let name = dirs
             .path()
@@ -48,6 +55,7 @@ impl Daemon {
                 .timeout(Duration::from_secs(120))
                 .build()
                 .unwrap(),
+            extra: extra.to_vec(),
         };
         daemon.spawn();
         daemon
@@ -71,6 +79,7 @@ impl Daemon {
             .arg(self.runtime_dir())
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
+            .args(&self.extra)
             .env("COVE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
