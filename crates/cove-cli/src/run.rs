@@ -54,6 +54,11 @@ pub struct RunArgs {
     /// Run this string with /bin/sh -c instead of CMD.
     #[arg(long, value_name = "SCRIPT", conflicts_with = "command")]
     pub shell: Option<String>,
+    /// Network (--network, --allow-out, --deny-out, -p): a sandbox with
+    /// any of these is created by the local daemon (`cove serve`), which
+    /// owns the bridge, nftables table and DNS forwarder.
+    #[command(flatten)]
+    pub network: crate::remote::NetworkArgs,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -76,7 +81,10 @@ fn state_root() -> PathBuf {
     paths::default_runtime_dir().join("run")
 }
 
-pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
+pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Failure> {
+    if !args.network.is_empty() {
+        return run_through_daemon(args, remote);
+    }
     let command = match (&args.shell, args.command.is_empty()) {
         (Some(script), _) => CommandLine::Shell(script.clone()),
         (None, false) => CommandLine::Argv(args.command.clone()),
@@ -323,4 +331,59 @@ fn sweep_stale(root: &Path) {
             tracing::warn!(%err, id = %record.id, "cannot clean up a stale sandbox");
         }
     }
+}
+
+/// `cove run` with network flags: create the sandbox through the daemon,
+/// run the command attached, delete the sandbox whatever happened.
+fn run_through_daemon(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Failure> {
+    if args.shell.is_none() && args.command.is_empty() {
+        return Err(Failure::usage(
+            "nothing to run: give a command after `--`, or --shell 'SCRIPT'",
+        ));
+    }
+    let req = cove_api::CreateSandboxRequest {
+        template: Some(args.template.clone()),
+        env: args.env.iter().cloned().collect(),
+        memory: args.memory.map(cove_api::SizeValue),
+        cpus: args.cpus,
+        pids: args.pids,
+        disk: Some(cove_api::SizeValue(args.disk)),
+        network: args.network.request(),
+        ..cove_api::CreateSandboxRequest::default()
+    };
+    let client = remote.client();
+    let sandbox = crate::remote::runtime()?
+        .block_on(client.create_sandbox(&req))
+        .map_err(|e| {
+            let failure = crate::remote::fail(e);
+            Failure::new(format!(
+                "{} (cove run with network flags needs the daemon: cove serve)",
+                failure.message
+            ))
+        })?;
+    for port in &sandbox.network.ports {
+        eprintln!(
+            "cove: port {} of {} is published on {}:{}",
+            port.port, sandbox.id, port.host_ip, port.host_port
+        );
+    }
+    let exec = crate::remote::ExecArgs {
+        id: sandbox.id.clone(),
+        env: Vec::new(),
+        workdir: args.workdir,
+        user: args.user,
+        timeout: (!args.timeout.is_zero()).then_some(args.timeout),
+        shell: args.shell,
+        detach: false,
+        interactive: args.tty,
+        tty: args.tty,
+        tag: None,
+        command: args.command,
+    };
+    let code = crate::remote::exec(remote, exec);
+    let deleted = crate::remote::runtime()?.block_on(client.delete_sandbox(&sandbox.id));
+    if let Err(err) = deleted {
+        eprintln!("cove: cannot delete sandbox {}: {err}", sandbox.id);
+    }
+    code
 }

@@ -488,6 +488,29 @@ fn bad_network_requests_name_the_culprit_and_leave_nothing() {
         "{list}"
     );
     assert!(d.cgroups().is_empty());
+
+    // A second daemon given the same table and bridge leaves the first
+    // one's alone and refuses egress, saying why.
+    let first = d.create(json!({"network": {"allow_out": [lab.good()]}}));
+    let d2 = lab.daemon();
+    let (status, body) = d2.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"network": {"mode": "egress"}})),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another cove daemon"),
+        "{body}"
+    );
+    assert!(lab.table().unwrap().contains(&first));
+    assert!(fetch(&d, &first, &lab.good(), WEB_PORT).is_ok());
+    delete(&d, &first);
+    lab.assert_clean(&[&first]);
+    drop(d2);
 }
 
 #[test]

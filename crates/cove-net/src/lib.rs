@@ -207,6 +207,29 @@ struct BaseState {
     base: Option<Base>,
     /// Egress sandboxes attached or being attached.
     users: usize,
+    /// Held while this daemon owns the bridge and table (see [`take_lock`]).
+    lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// Another daemon on this host owns the same table and bridge.
+const LOCKED: &str = "another cove daemon on this host uses the same nftables table and bridge";
+
+/// A lock on the table's name for this process: two daemons with the same
+/// table and bridge would remove each other's rules. `Ok(None)`: another
+/// process holds it.
+fn take_lock(table: &str) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, String> {
+    let path = format!("/run/cove-net-{table}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(format!("cannot lock {path}: {e}")),
+    }
 }
 
 /// A sandbox's network in use.
@@ -640,6 +663,19 @@ impl Network {
             return Ok(index);
         }
         let config = &self.inner.config;
+        if state.lock.is_none() {
+            match take_lock(&config.table) {
+                Ok(Some(lock)) => state.lock = Some(lock),
+                Ok(None) => {
+                    return Err(NetError::Unavailable(format!(
+                        "{LOCKED} ({} and {}); give each daemon its own --network-table, \
+                         --network-bridge and --network-pool",
+                        config.table, config.bridge
+                    )));
+                }
+                Err(err) => return Err(NetError::Host(err)),
+            }
+        }
         let gateway = self.inner.gateway();
         let result = async {
             let index = self
@@ -672,6 +708,7 @@ impl Network {
             Err(err) => {
                 if state.users == 0 {
                     self.remove_base().await;
+                    state.lock = None;
                 }
                 Err(NetError::Host(err))
             }
@@ -684,6 +721,7 @@ impl Network {
         state.users = state.users.saturating_sub(1);
         if state.users == 0 && state.base.take().is_some() {
             self.remove_base().await;
+            state.lock = None;
             tracing::info!("egress networking is down: no egress sandbox left");
         }
     }
@@ -802,6 +840,21 @@ impl Network {
     /// Remove rules and veths of sandboxes that are neither in `live` nor
     /// attached, and the base when no egress sandbox is left.
     pub async fn collect_garbage(&self, live: &HashSet<String>) {
+        let mut state = self.inner.base.lock().await;
+        if state.lock.is_none() {
+            match take_lock(&self.inner.config.table) {
+                Ok(Some(lock)) => state.lock = Some(lock),
+                Ok(None) => {
+                    tracing::warn!(table = %self.inner.config.table, bridge = %self.inner.config.bridge,
+                        "{LOCKED}: leaving its rules alone; this daemon cannot give sandboxes egress");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "not collecting stale network rules");
+                    return;
+                }
+            }
+        }
         let attached: HashSet<String> = self
             .inner
             .attached
@@ -832,9 +885,9 @@ impl Network {
                 }
             }
         }
-        let state = self.inner.base.lock().await;
         if state.users == 0 {
             self.remove_base().await;
+            state.lock = None;
         }
     }
 }
