@@ -6,6 +6,8 @@
 //! subnets, so they run in parallel; a guard removes all of it even when
 //! the test fails.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::{TcpListener, TcpStream};
@@ -253,6 +255,7 @@ impl Drop for Lab {
              ip link del {} 2>/dev/null",
             self.netns, self.table, self.bridge
         ));
+        let _ = std::fs::remove_file(format!("/run/cove-net-{}.lock", self.table));
     }
 }
 
@@ -585,4 +588,229 @@ fn a_restart_keeps_the_rules_of_running_sandboxes() {
 
     delete(&d, &keep);
     lab.assert_clean(&[&keep, &doomed]);
+}
+
+fn cove(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cove"))
+        .env("COVE_URL", &d.url)
+        .env("COVE_KEY", &d.admin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn send(d: &Daemon, method: &str, path: &str, body: Value, header: (&str, &str)) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let resp = d
+        .http
+        .request(method, format!("{}{path}", d.url))
+        .header(header.0, header.1)
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn cli_and_dialects_map_onto_the_network() {
+    if !root() || !have_tools() {
+        return;
+    }
+    let lab = Lab::new();
+    let d = lab.daemon();
+    let fetch_cmd = |target: &str| {
+        format!(
+            "import urllib.request; print(urllib.request.urlopen('http://{target}:{WEB_PORT}/id', timeout=5).read().decode())"
+        )
+    };
+
+    // cove run with network flags (through the daemon; the sandbox goes after).
+    let out = cove(
+        &d,
+        &[
+            "run",
+            "--allow-out",
+            "good.test",
+            "--",
+            "python3",
+            "-c",
+            &fetch_cmd("good.test"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("hello from {}", lab.good())
+    );
+    let out = cove(
+        &d,
+        &[
+            "run",
+            "--allow-out",
+            "good.test",
+            "--",
+            "python3",
+            "-c",
+            &fetch_cmd(&lab.other()),
+        ],
+    );
+    assert!(!out.status.success());
+    let out = cove(&d, &["run", "--deny-out", "10.0.0.0/33", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("10.0.0.0/33"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, list) = d.call("GET", "/v1/sandboxes?state=running", None);
+    assert_eq!(list["sandboxes"], json!([]), "cove run leaves no sandbox");
+    lab.assert_clean(&[]);
+
+    // cove create -p / --allow-out.
+    let out = cove(
+        &d,
+        &[
+            "--json",
+            "create",
+            "--allow-out",
+            &lab.good(),
+            "-p",
+            "8000",
+            "-p",
+            "18000:9000",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["network"]["mode"], "egress");
+    assert_eq!(created["network"]["allow_out"], json!([lab.good()]));
+    assert_eq!(created["network"]["ports"][1]["host_port"], 18000);
+    assert_eq!(created["network"]["ports"][1]["port"], 9000);
+    assert!(fetch(&d, &id, &lab.good(), WEB_PORT).is_ok());
+    delete(&d, &id);
+
+    // Declaw: network.allow_out / deny_out, guest_ip.
+    let declaw = ("X-API-Key", d.admin.as_str());
+    let (status, sbx) = send(
+        &d,
+        "POST",
+        "/sandboxes",
+        json!({"template": "base", "network": {"allow_out": ["good.test"], "deny_out": [], "allow_public_traffic": false}}),
+        declaw,
+    );
+    assert_eq!(status, 201, "{sbx}");
+    let declaw_id = sbx["sandbox_id"].as_str().unwrap().to_string();
+    assert!(
+        sbx["guest_ip"].as_str().unwrap().starts_with("10.77."),
+        "{sbx}"
+    );
+    let (status, run) = send(
+        &d,
+        "POST",
+        &format!("/sandboxes/{declaw_id}/commands"),
+        json!({"cmd": format!("python3 -c \"{}\"", fetch_cmd("good.test"))}),
+        declaw,
+    );
+    assert_eq!((status, run["exit_code"].as_i64()), (200, Some(0)), "{run}");
+    let (_, run) = send(
+        &d,
+        "POST",
+        &format!("/sandboxes/{declaw_id}/commands"),
+        json!({"cmd": format!("python3 -c \"{}\"", fetch_cmd(&lab.other()))}),
+        declaw,
+    );
+    assert_ne!(run["exit_code"].as_i64(), Some(0), "{run}");
+    let (status, err) = send(
+        &d,
+        "POST",
+        "/sandboxes",
+        json!({"network": {"deny_out": ["10.1.2.0/99"]}}),
+        declaw,
+    );
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("10.1.2.0/99"),
+        "{err}"
+    );
+    let (status, _) = send(
+        &d,
+        "DELETE",
+        &format!("/sandboxes/{declaw_id}"),
+        json!({}),
+        declaw,
+    );
+    assert!(status < 300);
+
+    // Hyperfleet: exposed_ports are published when the machine starts.
+    let bearer = format!("Bearer {}", d.admin);
+    let hf = ("Authorization", bearer.as_str());
+    let (status, machine) = send(
+        &d,
+        "POST",
+        "/machines",
+        json!({"name": "net-web", "vcpu_count": 1, "mem_size_mib": 128, "exposed_ports": [8000]}),
+        hf,
+    );
+    assert_eq!(status, 201, "{machine}");
+    let mid = machine["id"].as_str().unwrap().to_string();
+    let (status, _) = send(&d, "POST", &format!("/machines/{mid}/start"), json!({}), hf);
+    assert_eq!(status, 200);
+    send(
+        &d,
+        "GET",
+        &format!("/machines/{mid}/wait?status=running&timeout=30"),
+        json!({}),
+        hf,
+    );
+    let net = network_of(&d, &mid);
+    assert_eq!(net["mode"], "none");
+    assert_eq!(net["ports"][0]["port"], 8000);
+    let host_port = net["ports"][0]["host_port"].as_u64().unwrap();
+    d.sh(
+        &mid,
+        "cd /tmp && echo machine > index.html && (python3 -m http.server 8000 >/dev/null 2>&1 &) && \
+         python3 -c 'import socket,time\nfor _ in range(100):\n  try: socket.create_connection((\"127.0.0.1\",8000)); break\n  except OSError: time.sleep(0.05)'",
+    );
+    let (ok, out) = host(&format!("curl -sf http://127.0.0.1:{host_port}/index.html"));
+    assert!(ok && out == "machine\n", "{out}");
+    send(&d, "POST", &format!("/machines/{mid}/stop"), json!({}), hf);
+    assert!(TcpStream::connect(("127.0.0.1", host_port as u16)).is_err());
+
+    // GBOX: config.cpu / memory (MiB) / storage (GiB) are the limits.
+    let (status, boxed) = send(
+        &d,
+        "POST",
+        "/api/v1/boxes/linux",
+        json!({"config": {"cpu": 1, "memory": 256, "storage": 2}}),
+        hf,
+    );
+    assert_eq!(status, 201, "{boxed}");
+    let bid = boxed["id"].as_str().unwrap();
+    let (_, native) = d.call("GET", &format!("/v1/sandboxes/{bid}"), None);
+    assert_eq!(native["limits"]["memory"], 256u64 << 20, "{native}");
+    assert_eq!(native["limits"]["cpus"], 1.0, "{native}");
+    assert_eq!(native["limits"]["disk"], 2u64 << 30, "{native}");
+    // The host's cgroup of the box has the memory limit.
+    let limit = d
+        .cgroups()
+        .into_iter()
+        .filter(|p| p.ends_with(bid))
+        .find_map(|p| {
+            std::fs::read_to_string(p.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(p.join("memory.max")))
+                .ok()
+        });
+    assert_eq!(limit.as_deref().map(str::trim), Some("268435456"));
+    assert_eq!(boxed["config"]["memory"], 256);
 }

@@ -751,9 +751,18 @@ impl Network {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
-        let Some(attached) = attached else {
+        let Some(mut attached) = attached else {
             return;
         };
+        // The listeners close when their tasks are gone: wait for that, so
+        // the host port is free when the caller hears the sandbox is.
+        let tasks = std::mem::take(&mut attached.port_tasks);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
         if attached.stored.mode == NetworkMode::Egress {
             self.unwire(id, &attached.stored).await;
             if let Some(addr) = attached.stored.address {
