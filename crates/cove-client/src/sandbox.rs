@@ -329,3 +329,34 @@ impl Sandbox {
 pub(crate) fn environ(env: &BTreeMap<String, String>) -> Vec<String> {
     env.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_builders_fill_the_request() {
+        let spec = SandboxSpec::new()
+            .allow_out("pypi.org")
+            .deny_out("10.0.0.0/8")
+            .expose(8000);
+        let network = &spec.request().network;
+        assert_eq!(network.effective_mode(), cove_api::NetworkMode::Egress);
+        assert_eq!(network.allow_out, vec!["pypi.org".to_string()]);
+        assert_eq!(network.deny_out, vec!["10.0.0.0/8".to_string()]);
+        assert_eq!(network.exposed_ports[0].port, 8000);
+        let none = SandboxSpec::new().expose(3000);
+        assert_eq!(
+            none.request().network.effective_mode(),
+            cove_api::NetworkMode::None
+        );
+        assert_eq!(
+            SandboxSpec::new()
+                .egress()
+                .request()
+                .network
+                .effective_mode(),
+            cove_api::NetworkMode::Egress
+        );
+    }
+}
