@@ -28,6 +28,13 @@ if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev
   cargo install cargo-nextest --locked
 fi
 
+# The microVM backend's tests run too (under CI a missing piece fails
+# them): QEMU, vhost-device-vsock, the guest kernel package and a static
+# agent. vm-deps.sh prints `export COVE_VM_AGENT=...` last.
+vm_env=$(./scripts/vm-deps.sh | tee /dev/stderr | grep '^export COVE_VM_AGENT=')
+eval "$vm_env"
+export COVE_VM_AGENT
+
 cargo build --workspace --all-targets --locked
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 cargo test --workspace --doc --locked

@@ -41,7 +41,8 @@ if ! ls "$debs"/linux-image-*-amd64_*.deb >/dev/null 2>&1; then
   (cd "$debs" && apt-get download -q "$kernel")
 fi
 
-# The agent as /init must be static (no libc in the initramfs).
-RUSTFLAGS="-C target-feature=+crt-static" \
+# The agent as /init must be static (no libc in the initramfs), and is
+# stripped: a quarter of the size, so the guest unpacks a smaller initramfs.
+RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
   cargo build --release --locked --target x86_64-unknown-linux-gnu -p cove-agent --target-dir target/vm-agent
 echo "export COVE_VM_AGENT=$PWD/target/vm-agent/x86_64-unknown-linux-gnu/release/cove-agent"

@@ -57,13 +57,24 @@ pub struct VmInitConfig {
     /// Size cap of the writable layer (a tmpfs), in MiB; `None` = the
     /// kernel's default (half the guest's memory).
     pub overlay_size_mib: Option<u64>,
+    /// Once the agent listens, connect once to this host vsock port (the
+    /// host is CID 2) to say so, then hang up. The host must not send on
+    /// vsock before then (see `cove_vm::Vm::boot`).
+    #[serde(default)]
+    pub ready_port: Option<u32>,
 }
 
 /// Run as PID 1 of a microVM. Never returns.
 pub fn main() -> ! {
     match prepare() {
-        Ok((config, port)) => {
-            let code = crate::run_incoming(config, move || listen(port));
+        Ok((config, (port, ready_port))) => {
+            let code = crate::run_incoming(config, move || {
+                let incoming = listen(port)?;
+                if let Some(ready) = ready_port {
+                    tell_host_ready(ready);
+                }
+                Ok(incoming)
+            });
             eprintln!("cove-vm-init: the agent stopped (exit code {code})");
         }
         Err(err) => eprintln!("cove-vm-init: {err}"),
@@ -83,7 +94,7 @@ fn power_off() -> ! {
     std::process::exit(1)
 }
 
-fn prepare() -> Result<(AgentConfig, u32), String> {
+fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
     mount_fs("proc", "/proc", "proc", nodev_nosuid_noexec(), None)?;
     mount_fs("sysfs", "/sys", "sysfs", nodev_nosuid_noexec(), None)?;
@@ -172,7 +183,7 @@ fn prepare() -> Result<(AgentConfig, u32), String> {
         oom_events: None,
         root: "/".into(),
     };
-    Ok((config, vm.vsock_port))
+    Ok((config, (vm.vsock_port, vm.ready_port)))
 }
 
 fn nodev_nosuid_noexec() -> MsFlags {
@@ -339,6 +350,42 @@ fn listen(port: u32) -> std::io::Result<Incoming> {
     Ok(Box::pin(incoming))
 }
 
+/// Connect to the host's vsock `port` and hang up: the host's signal that
+/// the agent listens. A failure is only printed: the host then finds the
+/// agent by polling, or times out with the console.
+fn tell_host_ready(port: u32) {
+    // SAFETY: socket takes no pointers; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        eprintln!(
+            "cove-agent: cannot tell the host it is ready (it will poll): {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_HOST;
+    addr.svm_port = port;
+    // SAFETY: connect reads `addr`, whose size we pass.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        eprintln!(
+            "cove-agent: cannot tell the host it is ready (it will poll): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 async fn accept(listener: &AsyncFd<OwnedFd>) -> std::io::Result<Connection> {
     loop {
         let mut guard = listener.readable().await?;
@@ -469,6 +516,7 @@ mod tests {
             vsock_port: 1024,
             root_device: "/dev/vda".into(),
             overlay_size_mib: Some(256),
+            ready_port: Some(1025),
         };
         let text = serde_json::to_string(&config).unwrap_or_default();
         let back: Result<VmInitConfig, _> = serde_json::from_str(&text);

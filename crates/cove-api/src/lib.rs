@@ -2,6 +2,7 @@
 //! and the error codes, each with an OpenAPI schema. No I/O lives here; the
 //! daemon (`cove-server`) and the SDK (`cove-client`) share these types.
 
+pub mod backend;
 pub mod error;
 pub mod exec;
 pub mod files;
@@ -11,6 +12,7 @@ pub mod sandbox;
 pub mod units;
 pub mod values;
 
+pub use backend::{BackendInfo, BackendList};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use exec::{
     Encoding, ExecRequest, ExecResult, ExitInfo, ProcessInfo, ProcessList, PtyRequest,

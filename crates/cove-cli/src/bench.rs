@@ -38,17 +38,21 @@ pub struct BenchArgs {
     /// Size of the file moved in the file transfer cases, in MiB.
     #[arg(long, default_value_t = 512, value_name = "MIB")]
     pub file_mib: u64,
+    /// MicroVM boots to measure (seconds each under TCG); 0 skips the
+    /// microVM cases.
+    #[arg(long, default_value_t = 3)]
+    pub vm_runs: usize,
 }
 
 /// Timings of one case.
 #[derive(Debug, serde::Serialize)]
-struct CaseResult {
-    name: String,
+pub(crate) struct CaseResult {
+    pub(crate) name: String,
     command: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    skipped: Option<String>,
+    pub(crate) skipped: Option<String>,
     samples: usize,
-    p50_ms: f64,
+    pub(crate) p50_ms: f64,
     p90_ms: f64,
     p99_ms: f64,
     mean_ms: f64,
@@ -97,7 +101,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
-fn summarize(name: &str, command: &str, mut samples: Vec<Duration>) -> CaseResult {
+pub(crate) fn summarize(name: &str, command: &str, mut samples: Vec<Duration>) -> CaseResult {
     samples.sort();
     let mean = if samples.is_empty() {
         f64::NAN
@@ -116,7 +120,7 @@ fn summarize(name: &str, command: &str, mut samples: Vec<Duration>) -> CaseResul
     }
 }
 
-fn skipped(name: &str, command: &str, reason: String) -> CaseResult {
+pub(crate) fn skipped(name: &str, command: &str, reason: String) -> CaseResult {
     CaseResult {
         name: name.into(),
         command: command.into(),
@@ -383,6 +387,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     results.extend(latency);
     rates.extend(files::cases(&args, &scratch));
     let _ = std::fs::remove_dir_all(&scratch);
+    // Last: it starts a multi-threaded runtime.
+    let (vm_results, vm_phases) = crate::bench_vm::cases(&args);
+    results.extend(vm_results);
 
     if args.json {
         let doc = serde_json::json!({
@@ -392,6 +399,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
             "file_mib": args.file_mib,
             "results": results,
             "rates": rates,
+            "microvm_boot_phases": vm_phases,
         });
         println!(
             "{}",
@@ -449,6 +457,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
         "\nN = {} MiB in the streaming cases; {} MiB files in the transfer cases",
         args.stream_mib, args.file_mib
     );
+    if let Some(phases) = vm_phases {
+        crate::bench_vm::print_phases(&results, &phases);
+    }
     Ok(ExitCode(0))
 }
 

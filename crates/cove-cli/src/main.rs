@@ -1,9 +1,11 @@
 //! `cove`: isolated sandboxes on this machine, in milliseconds.
 
 mod bench;
+mod bench_vm;
 mod files;
 mod remote;
 mod run;
+mod run_vm;
 mod serve;
 mod template;
 mod tty;
@@ -89,12 +91,18 @@ enum Command {
     Exec(remote::ExecArgs),
     /// List the processes of a sandbox.
     Ps { id: String },
-    /// Print a process's output (-f: follow it until it exits).
+    /// Print a process's output (-f: follow it until it exits), or with
+    /// --console a microVM sandbox's console log.
     Logs {
         #[arg(short, long)]
         follow: bool,
+        /// Print the sandbox's console (microVM backend): kernel messages,
+        /// the guest init's errors, a panic.
+        #[arg(long, conflicts_with_all = ["follow", "pid"])]
+        console: bool,
         id: String,
-        pid: u32,
+        #[arg(required_unless_present = "console")]
+        pid: Option<u32>,
     },
     /// Send a signal to a process and its group (default TERM).
     Kill {
@@ -179,7 +187,16 @@ fn main() {
         Command::Inspect { id } => remote::inspect(remote, &id),
         Command::Exec(args) => remote::exec(remote, args),
         Command::Ps { id } => remote::ps(remote, &id),
-        Command::Logs { follow, id, pid } => remote::logs(remote, &id, pid, follow),
+        Command::Logs {
+            console: true, id, ..
+        } => remote::console(remote, &id),
+        Command::Logs {
+            follow,
+            id,
+            pid: Some(pid),
+            ..
+        } => remote::logs(remote, &id, pid, follow),
+        Command::Logs { pid: None, .. } => Err(Failure::usage("give a process ID, or --console")),
         Command::Kill { id, pid, signal } => remote::kill(remote, &id, pid, &signal),
         Command::Rm { ids } => remote::rm(remote, &ids),
         Command::Pause { ids } => remote::pause(remote, &ids, false),

@@ -627,6 +627,17 @@ pub fn logs(remote: &Remote, id: &str, pid: u32, follow: bool) -> Result<ExitCod
     })
 }
 
+/// `cove logs --console ID`: a microVM's serial console.
+pub fn console(remote: &Remote, id: &str) -> Result<ExitCode, Failure> {
+    let log = runtime()?
+        .block_on(remote.client().console(id))
+        .map_err(fail)?;
+    let mut out = std::io::stdout();
+    let _ = out.write_all(&log);
+    let _ = out.flush();
+    Ok(ExitCode(0))
+}
+
 pub fn kill(remote: &Remote, id: &str, pid: u32, signal: &str) -> Result<ExitCode, Failure> {
     runtime()?
         .block_on(remote.client().signal(id, pid, signal))

@@ -2,7 +2,6 @@
 //! one command in it with stdio streamed to the terminal, destroy it, and
 //! exit with the command's status.
 
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,9 +19,14 @@ use crate::{ExitCode, Failure, paths, tty};
 /// `cove run` arguments.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Template to start from (see `cove template ls`).
-    #[arg(long, default_value = cove_template::DEFAULT_TEMPLATE, value_name = "T")]
-    pub template: String,
+    /// Template to start from (see `cove template ls`) [default: host;
+    /// busybox with --backend microvm].
+    #[arg(long, value_name = "T")]
+    pub template: Option<String>,
+    /// Where the sandbox runs: namespace (on this kernel, milliseconds to
+    /// start) or microvm (its own kernel in a QEMU microVM, seconds).
+    #[arg(long, value_name = "B", default_value = "namespace", value_parser = ["namespace", "microvm"])]
+    pub backend: String,
     /// Memory limit, e.g. 512M or 2G.
     #[arg(long, value_parser = units::parse_size, value_name = "SIZE")]
     pub memory: Option<u64>,
@@ -99,6 +103,10 @@ pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Fa
             "cove run needs root to create namespaces and cgroups (try sudo)",
         ));
     }
+    if args.backend == "microvm" {
+        let spec = process_spec(&args, command);
+        return crate::run_vm::run(&args, spec);
+    }
     let limits = Limits {
         memory: args.memory,
         cpus: args.cpus,
@@ -107,7 +115,11 @@ pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Fa
     engine::validate_limits(&limits).map_err(Failure::new)?;
     let store = TemplateStore::new(paths::default_data_dir().join("templates"));
     let template = store
-        .get(&args.template)
+        .get(
+            args.template
+                .as_deref()
+                .unwrap_or(cove_template::DEFAULT_TEMPLATE),
+        )
         .map_err(|e| Failure::new(e.to_string()))?;
     let options = SandboxOptions {
         limits,
@@ -136,22 +148,23 @@ pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Fa
         ));
     };
 
-    let mut spec = ProcessSpec::new(command);
-    spec.cwd = args.workdir.clone();
-    spec.user = args.user.clone();
-    spec.timeout_ms = args.timeout.as_millis() as u64;
-    spec.stdin = true;
-    if args.tty {
-        let (rows, cols) = tty::size().unwrap_or((24, 80));
-        spec.pty = Some(PtySize { rows, cols });
-    }
+    let spec = process_spec(&args, command);
 
     let outcome = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(format!("cannot start the runtime: {e}")))
         .and_then(|rt| {
-            let outcome = rt.block_on(drive(connection, spec, args.tty, args.timeout, args.memory));
+            let outcome = rt.block_on(async {
+                let signals = catch_signals(args.tty);
+                let stream = std::os::unix::net::UnixStream::from(connection);
+                stream
+                    .set_nonblocking(true)
+                    .map_err(|e| Failure::new(format!("agent socket: {e}")))?;
+                let stream = tokio::net::UnixStream::from_std(stream)
+                    .map_err(|e| Failure::new(format!("agent socket: {e}")))?;
+                drive(signals, stream, spec, args.tty, args.timeout, args.memory).await
+            });
             // The stdin reader may be blocked on a terminal read forever:
             // do not wait for it.
             rt.shutdown_background();
@@ -165,21 +178,30 @@ pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Fa
     Ok(code)
 }
 
-/// Talk to the agent until the command ends. Returns the exit code.
-async fn drive(
-    connection: OwnedFd,
+/// The command as the agent runs it.
+fn process_spec(args: &RunArgs, command: CommandLine) -> ProcessSpec {
+    let mut spec = ProcessSpec::new(command);
+    spec.cwd = args.workdir.clone();
+    spec.user = args.user.clone();
+    spec.timeout_ms = args.timeout.as_millis() as u64;
+    spec.stdin = true;
+    if args.tty {
+        let (rows, cols) = tty::size().unwrap_or((24, 80));
+        spec.pty = Some(PtySize { rows, cols });
+    }
+    spec
+}
+
+/// Talk to the agent on `stream` until the command ends. Returns the exit
+/// code. `signals` were caught before the sandbox started, so none is lost.
+pub(crate) async fn drive(
+    signals: Signals,
+    stream: tokio::net::UnixStream,
     spec: ProcessSpec,
     tty: bool,
     timeout: Duration,
     memory: Option<u64>,
 ) -> Result<ExitCode, Failure> {
-    let signals = catch_signals(tty);
-    let stream = std::os::unix::net::UnixStream::from(connection);
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| Failure::new(format!("agent socket: {e}")))?;
-    let stream = tokio::net::UnixStream::from_std(stream)
-        .map_err(|e| Failure::new(format!("agent socket: {e}")))?;
     let client = AgentClient::connect(stream, "cove-run")
         .await
         .map_err(|e| Failure::new(e.to_string()))?;
@@ -257,12 +279,12 @@ async fn drive(
 
 /// Signals a user sends to `cove run`, caught from the start so that none
 /// is lost (or kills cove) before the command's PID is known.
-struct Signals {
+pub(crate) struct Signals {
     streams: Vec<(tokio::signal::unix::Signal, i32)>,
     winch: Option<tokio::signal::unix::Signal>,
 }
 
-fn catch_signals(tty: bool) -> Signals {
+pub(crate) fn catch_signals(tty: bool) -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
     let mut kinds = vec![
         (SignalKind::terminate(), libc::SIGTERM),
@@ -342,7 +364,8 @@ fn run_through_daemon(args: RunArgs, remote: &crate::remote::Remote) -> Result<E
         ));
     }
     let req = cove_api::CreateSandboxRequest {
-        template: Some(args.template.clone()),
+        template: args.template.clone(),
+        backend: Some(args.backend.clone()),
         env: args.env.iter().cloned().collect(),
         memory: args.memory.map(cove_api::SizeValue),
         cpus: args.cpus,

@@ -82,6 +82,7 @@ pub fn run(command: TemplateCommand) -> Result<ExitCode, Failure> {
                     template.name(),
                     template.dir.display()
                 );
+                prepare_microvm(&template);
                 Ok(ExitCode(0))
             }
             "host" => {
@@ -114,6 +115,41 @@ pub fn run(command: TemplateCommand) -> Result<ExitCode, Failure> {
                 .map_err(|e| Failure::new(e.to_string()))?;
             println!("removed template {name}");
             Ok(ExitCode(0))
+        }
+    }
+}
+
+/// Where the host can run microVMs, also build what a microVM of this
+/// template boots (the guest image, shared by all templates, and the
+/// template's root disk), so the first `--backend microvm` sandbox does
+/// not wait for it. Nothing here is fatal: the template itself is built.
+fn prepare_microvm(template: &cove_template::Template) {
+    let Ok(me) = std::env::current_exe() else {
+        return;
+    };
+    let agent = match cove_server::backend::microvm::probe_host(&me) {
+        Ok(agent) => agent,
+        Err(why) => {
+            eprintln!("(no microVM images built: {why})");
+            return;
+        }
+    };
+    let bar = progress_bar("microVM");
+    let mut progress = |done: u64, total: u64, msg: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(msg.to_string());
+    };
+    let built = cove_vm::ensure_guest_image(&crate::run_vm::cache_dir(), &agent, &mut progress)
+        .and_then(|_| cove_vm::ensure_rootfs_image(&template.dir, &mut progress));
+    match built {
+        Ok(disk) => {
+            bar.finish_and_clear();
+            println!("built its microVM root disk {}", disk.display());
+        }
+        Err(err) => {
+            bar.abandon();
+            eprintln!("cove: warning: the microVM images were not built: {err}");
         }
     }
 }

@@ -211,6 +211,10 @@ fn hyperfleet_machines_and_exec() {
     );
     let (s, m) = hf("POST", &format!("/machines/{id}/stop"), None);
     assert_eq!((s, m["status"].as_str()), (200, Some("stopped")));
+    assert!(
+        m.get("error").is_none(),
+        "a requested stop is not an error: {m}"
+    );
     let (s, e) = hf(
         "POST",
         &format!("/machines/{id}/exec"),
@@ -459,6 +463,16 @@ fn gbox_boxes_and_commands() {
     assert_eq!(list["total"], 0);
     let (_, got) = gb("GET", &format!("/boxes/{id}"), None);
     assert_eq!(got["id"], id);
+
+    // A box paused through the native API shows as running, and a command
+    // resumes it.
+    d.call("POST", &format!("/v1/sandboxes/{id}/pause"), None);
+    let (_, got) = gb("GET", &format!("/boxes/{id}"), None);
+    assert_eq!(got["status"], "running");
+    let (s, out) = cmd(json!({"command": "echo awake"}));
+    assert_eq!((s, out["stdout"].as_str()), (200, Some("awake\n")), "{out}");
+    let (_, native) = d.call("GET", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(native["state"], "running");
 
     // Stop, start, terminate, delete.
     let (s, b) = gb("POST", &format!("/boxes/{id}/stop"), None);

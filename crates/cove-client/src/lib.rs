@@ -275,6 +275,19 @@ impl Client {
         self.json(Method::GET, "/v1/templates", None::<&()>).await
     }
 
+    /// The daemon's backends and whether each can create sandboxes here.
+    pub async fn backends(&self) -> Result<cove_api::BackendList, Error> {
+        self.json(Method::GET, "/v1/backends", None::<&()>).await
+    }
+
+    /// The end of a microVM sandbox's console log (kernel and guest init).
+    pub async fn console(&self, id: &str) -> Result<Vec<u8>, Error> {
+        let response = self
+            .send(self.request(Method::GET, &format!("/v1/sandboxes/{id}/console")))
+            .await?;
+        Ok(response.bytes().await?.to_vec())
+    }
+
     /// Whether the daemon answers `/healthz`.
     pub async fn healthy(&self) -> bool {
         self.send(self.request(Method::GET, "/healthz"))

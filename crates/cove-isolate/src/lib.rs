@@ -27,7 +27,7 @@ pub mod seccomp;
 
 use std::fs;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -259,16 +259,27 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
     let (status_read, status_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| fail(Error::Sys(format!("pipe: {e}"))))?;
 
+    // Born in its v2 cgroup where there is one (no migration needed).
+    let v2_dir = cgroup.v2_dir().map(Path::to_path_buf);
+    let v2_fd = v2_dir.as_deref().and_then(|dir| open_dir(dir).ok());
     // SAFETY: documented precondition of `create`: the caller is single-threaded.
-    let forked = unsafe { namespaces::clone_into_namespaces(namespaces::CLONE_FLAGS) };
+    let forked = unsafe {
+        namespaces::clone_into_namespaces(
+            namespaces::CLONE_FLAGS,
+            v2_fd.as_ref().map(|fd| fd.as_fd()),
+        )
+    };
+    drop(v2_fd);
     let pid = match forked {
         Err(errno) => return Err(fail(Error::Clone(errno))),
-        Ok(None) => {
+        Ok(namespaces::Forked::Child { in_cgroup }) => {
             drop(host_end);
             drop(status_read);
+            let joined = if in_cgroup { v2_dir.as_deref() } else { None };
             let code = sandbox_main(
                 config,
                 &cgroup,
+                joined,
                 &programs,
                 sandbox_end,
                 listener,
@@ -278,7 +289,7 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
             // which this copy of the process must not run twice.
             unsafe { libc::_exit(code) }
         }
-        Ok(Some(pid)) => pid,
+        Ok(namespaces::Forked::Parent(pid)) => pid,
     };
     drop(sandbox_end);
     drop(listener);
@@ -319,6 +330,7 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
 fn sandbox_main(
     config: &SandboxConfig,
     cgroup: &SandboxCgroup,
+    joined: Option<&Path>,
     programs: &[seccompiler::BpfProgram],
     connection: OwnedFd,
     listener: Option<OwnedFd>,
@@ -330,7 +342,7 @@ fn sandbox_main(
     }
     let mut keep = vec![connection.as_raw_fd(), status.as_raw_fd()];
     keep.extend(listener.as_ref().map(|l| l.as_raw_fd()));
-    match setup(config, cgroup, programs, &mut keep) {
+    match setup(config, cgroup, joined, programs, &mut keep) {
         Ok((cgroups, oom_events)) => {
             let _ = nix::unistd::write(&status, b"K");
             drop(status);
@@ -372,10 +384,11 @@ type AgentCgroups = (Option<cove_agent::ProcessCgroups>, Option<OwnedFd>);
 fn setup(
     config: &SandboxConfig,
     cgroup: &SandboxCgroup,
+    joined: Option<&Path>,
     programs: &[seccompiler::BpfProgram],
     keep: &mut Vec<RawFd>,
 ) -> Result<AgentCgroups, SetupError> {
-    cgroup.join()?;
+    cgroup.join(joined)?;
     // SAFETY: unshare on the calling (only) thread.
     if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } < 0 {
         let err = std::io::Error::last_os_error();

@@ -42,6 +42,9 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        if self.code == ErrorCode::Internal {
+            tracing::error!(message = %self.message, "internal error");
+        }
         let mut response =
             (status, axum::Json(ErrorBody::new(self.code, self.message))).into_response();
         // Read by the metrics layer to count errors by code.

@@ -3,7 +3,7 @@
 //! serves the native HTTP API and the seed platforms' dialects.
 //!
 //! ```text
-//!  HTTP ─▶ axum routes ─▶ Manager (state machine, TTL reaper) ─▶ Backend (namespace)
+//!  HTTP ─▶ axum routes ─▶ Manager (state machine, TTL reaper) ─▶ Backend (namespace, microvm)
 //!             │                │                                   │
 //!             │                └── Store (SQLite thread)            └─▶ agent socket
 //!             └── Auth (keys, scopes, owners)
@@ -143,6 +143,22 @@ impl Server {
             config.runtime_dir.join("sandboxes"),
             config.helper.clone(),
         ));
+        // The microVM backend is always there to reattach or clean up VMs
+        // an earlier run left; it creates sandboxes only when the host has
+        // QEMU (or Firecracker and KVM), vsock and a static agent.
+        let helper = config.helper.clone();
+        let vm_setup = tokio::task::spawn_blocking(move || backend::microvm::probe_host(&helper))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match &vm_setup {
+            Ok(agent) => tracing::info!(agent = %agent.display(), "microVM backend available"),
+            Err(why) => tracing::info!(%why, "microVM backend unavailable"),
+        }
+        let microvm = Arc::new(backend::microvm::MicrovmBackend::new(
+            &config.runtime_dir,
+            &config.data_dir,
+            vm_setup,
+        ));
         let metrics = Arc::new(metrics::Metrics::new());
         let network = match cove_net::Network::new(config.network.clone()) {
             Ok(network) => Some(network),
@@ -154,7 +170,7 @@ impl Server {
         let manager = manager::Manager::new(
             store,
             templates,
-            vec![namespace],
+            vec![namespace, microvm],
             manager::ManagerConfig {
                 cgroup_parent: config.cgroup_parent.clone(),
                 default_backend: "namespace".into(),

@@ -405,21 +405,6 @@ impl Manager {
         wait: bool,
         fixed_id: Option<String>,
     ) -> Result<Sandbox, ApiError> {
-        let template_name = req
-            .template
-            .clone()
-            .unwrap_or_else(|| cove_template::DEFAULT_TEMPLATE.into());
-        let templates = self.inner.templates.clone();
-        let template = tokio::task::spawn_blocking(move || templates.get(&template_name))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| match e {
-                cove_template::TemplateError::Unknown { .. }
-                | cove_template::TemplateError::BadName(_) => {
-                    ApiError::new(ErrorCode::InvalidRequest, e.to_string())
-                }
-                other => ApiError::internal(other.to_string()),
-            })?;
         let backend_name = req
             .backend
             .clone()
@@ -434,6 +419,28 @@ impl Manager {
                 ),
             ));
         };
+        if let Some(why) = backend.unavailable() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("the {backend_name} backend is not available on this host: {why}"),
+            ));
+        }
+        let template_name = req
+            .template
+            .clone()
+            .or_else(|| backend.default_template().map(String::from))
+            .unwrap_or_else(|| cove_template::DEFAULT_TEMPLATE.into());
+        let templates = self.inner.templates.clone();
+        let template = tokio::task::spawn_blocking(move || templates.get(&template_name))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| match e {
+                cove_template::TemplateError::Unknown { .. }
+                | cove_template::TemplateError::BadName(_) => {
+                    ApiError::new(ErrorCode::InvalidRequest, e.to_string())
+                }
+                other => ApiError::internal(other.to_string()),
+            })?;
         let limits = cove_isolate::Limits {
             memory: req.memory.map(|m| m.0),
             cpus: req.cpus,
@@ -863,9 +870,7 @@ impl Manager {
             s if s == from => {}
             other => return Err(state_error(&entry.id, other)),
         }
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
         self.inner
             .store
             .set_state(&entry.id, to.as_str(), None, None)
@@ -960,9 +965,7 @@ impl Manager {
             return Ok((entry, agent));
         }
         // The connection broke: try once to reconnect.
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
         let agent = connect(instance.as_ref()).await?;
         *lock(&entry.agent) = Some(agent.clone());
         Ok((entry, agent))
@@ -976,25 +979,26 @@ impl Manager {
         id: &str,
     ) -> Result<(Arc<Entry>, AgentClient), ApiError> {
         let (entry, _) = self.agent(who, id).await?;
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
         let agent = connect(instance.as_ref()).await?;
         Ok((entry, agent))
     }
 
     /// A new connection of its own to the agent of running sandbox `id`,
     /// for one bulk file transfer (same checks as [`Manager::agent`]), so
-    /// that a large transfer shares nothing with other requests.
+    /// that a large transfer shares nothing with other requests; `None`
+    /// when the sandbox's backend has no such connections (the transfer
+    /// then goes over the shared one).
     pub async fn agent_stream(
         &self,
         who: &Principal,
         id: &str,
-    ) -> Result<crate::backend::AgentStream, ApiError> {
+    ) -> Result<Option<crate::backend::AgentStream>, ApiError> {
         let (entry, _) = self.agent(who, id).await?;
-        let instance = entry
-            .instance()
-            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let instance = entry.instance().ok_or_else(|| no_instance(&entry.id))?;
+        if !instance.serves_transfers() {
+            return Ok(None);
+        }
         tokio::time::timeout(Duration::from_secs(10), instance.connect())
             .await
             .map_err(|_| {
@@ -1003,7 +1007,61 @@ impl Manager {
                     "the sandbox's agent did not answer within 10s",
                 )
             })?
+            .map(Some)
             .map_err(backend_error)
+    }
+
+    /// The backends of this daemon and whether each can create sandboxes.
+    pub fn backends(&self) -> Vec<cove_api::BackendInfo> {
+        self.inner
+            .backends
+            .values()
+            .map(|b| {
+                let reason = b.unavailable();
+                cove_api::BackendInfo {
+                    name: b.name().to_string(),
+                    available: reason.is_none(),
+                    reason,
+                    default: b.name() == self.inner.config.default_backend,
+                    default_template: b
+                        .default_template()
+                        .unwrap_or(cove_template::DEFAULT_TEMPLATE)
+                        .to_string(),
+                }
+            })
+            .collect()
+    }
+
+    /// The end (at most `max` bytes) of sandbox `id`'s console log: the
+    /// live VM's, or the one kept for a VM that died.
+    pub async fn console(&self, who: &Principal, id: &str, max: u64) -> Result<Vec<u8>, ApiError> {
+        validate_id(id)?;
+        let path = if let Some(entry) = self.live(id).filter(|e| who.sees(&e.owner)) {
+            let backend = lock(&entry.view).backend.clone();
+            match entry.instance() {
+                Some(instance) => instance.console_log(),
+                None => self
+                    .inner
+                    .backends
+                    .get(&backend)
+                    .and_then(|b| b.saved_console(id)),
+            }
+            .ok_or_else(|| no_console(id, &backend))?
+        } else {
+            match self.inner.store.get_sandbox(id).await? {
+                Some(row) if who.sees(&row.owner) => self
+                    .inner
+                    .backends
+                    .get(&row.backend)
+                    .and_then(|b| b.saved_console(id))
+                    .ok_or_else(|| no_console(id, &row.backend))?,
+                _ => return Err(not_found(id)),
+            }
+        };
+        tokio::task::spawn_blocking(move || read_tail(&path, max))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::new(ErrorCode::NotFound, format!("no console log: {e}")))
     }
 
     /// Templates as the API shows them.
@@ -1151,10 +1209,8 @@ impl Manager {
                         let stored = stored_network(&row);
                         let recovered = match instance.network_namespace() {
                             Ok(netns) => network.recover(&row.id, stored, netns).await,
-                            Err(err) if stored == cove_net::Stored::default() => {
-                                let _ = err;
-                                Ok(())
-                            }
+                            // A sandbox without network on a backend without one.
+                            Err(_) if stored == cove_net::Stored::default() => Ok(()),
                             Err(err) => Err(cove_net::NetError::Host(err.to_string())),
                         };
                         if let Err(err) = recovered {
@@ -1259,8 +1315,43 @@ pub fn validate_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
+fn no_console(id: &str, backend: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        if backend == "microvm" {
+            format!(
+                "sandbox {id} has no console log any more (it is kept for an hour after a VM dies, not after a delete)"
+            )
+        } else {
+            format!(
+                "sandbox {id} runs on the {backend} backend, which has no console; only microVM sandboxes have one"
+            )
+        },
+    )
+}
+
+/// The last `max` bytes of a file.
+fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut out = Vec::new();
+    file.take(max).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no sandbox {id}"))
+}
+
+/// A running sandbox whose backend instance is gone (being recovered or
+/// torn down): retryable, not a daemon bug.
+fn no_instance(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        format!("sandbox {id} has no running backend right now; retry in a moment"),
+    )
 }
 
 fn state_error(id: &str, state: SandboxState) -> ApiError {
@@ -1274,8 +1365,8 @@ fn state_error(id: &str, state: SandboxState) -> ApiError {
             format!("sandbox {id} is {}", state.as_str()),
         ),
         SandboxState::Starting => ApiError::new(
-            ErrorCode::Conflict,
-            format!("sandbox {id} is still starting"),
+            ErrorCode::Unavailable,
+            format!("sandbox {id} is still starting; retry in a moment"),
         ),
         SandboxState::Running => {
             ApiError::new(ErrorCode::Conflict, format!("sandbox {id} is running"))

@@ -163,12 +163,24 @@ pub struct VmRecord {
     pub firecracker_binary: Option<PathBuf>,
 }
 
+/// Where a boot's time went, on the host's clock (for `cove bench`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTimings {
+    /// Host work before the guest runs: the KVM/TCG choice, the VM's
+    /// initramfs, the vsock helper, QEMU set up and daemonized.
+    pub launch: Duration,
+    /// From then until the agent answered `Hello` over vsock: the guest's
+    /// kernel and init, and the host polling for the agent.
+    pub until_hello: Duration,
+}
+
 /// A running (or dead, not yet destroyed) microVM.
 #[derive(Debug)]
 pub struct Vm {
     record: VmRecord,
     vmm: Box<dyn vmm::Vmm>,
     transport: Box<dyn Transport>,
+    timings: Option<BootTimings>,
 }
 
 const RECORD_FILE: &str = "vm.json";
@@ -178,6 +190,7 @@ impl Vm {
     /// failure, everything started so far is torn down again.
     pub async fn boot(image: &GuestImage, config: VmConfig) -> Result<Vm, VmError> {
         validate(&config)?;
+        let started = Instant::now();
         let image = image.clone();
         let prepared = {
             let config = config.clone();
@@ -188,15 +201,22 @@ impl Vm {
                     detail: e.to_string(),
                 })?
         };
-        let (vm, timeout) = match prepared {
+        let (mut vm, timeout, ready) = match prepared {
             Ok(prepared) => prepared,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&config.state_dir);
                 return Err(err);
             }
         };
-        match vm.wait_ready(timeout).await {
-            Ok(()) => Ok(vm),
+        let launch = started.elapsed();
+        match vm.wait_ready(timeout, ready).await {
+            Ok(()) => {
+                vm.timings = Some(BootTimings {
+                    launch,
+                    until_hello: started.elapsed().saturating_sub(launch),
+                });
+                Ok(vm)
+            }
             Err(err) => {
                 let _ = vm.destroy().await;
                 Err(err)
@@ -204,8 +224,58 @@ impl Vm {
         }
     }
 
-    async fn wait_ready(&self, timeout: Duration) -> Result<(), VmError> {
+    /// Wait for the guest's "agent listening" signal on `ready`, then
+    /// greet the agent.
+    ///
+    /// The host must not send on vsock before the guest's driver is up:
+    /// `vhost-device-vsock` (0.3) accepts a connection as soon as QEMU has
+    /// given it the guest's memory, and if the `CONNECT` arrives while
+    /// QEMU is still setting up the rings, walking the not-yet-ready RX
+    /// queue fails, the error ends its worker thread, and the VM never
+    /// answers (seen as an occasional 120 s boot timeout under load).
+    /// The guest connecting out first proves its rings are running.
+    async fn wait_ready(
+        &self,
+        timeout: Duration,
+        ready: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<(), VmError> {
         let deadline = Instant::now() + timeout;
+        if let Some(listener) = ready {
+            let path = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+            let listener = listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(listener))
+                .map_err(|e| VmError::Transport(format!("ready socket: {e}")))?;
+            let waited = loop {
+                if !self.is_alive() {
+                    break Err(VmError::Stopped {
+                        reason: self
+                            .exit_reason()
+                            .unwrap_or_else(|| "the VMM exited during boot".into()),
+                        console_tail: self.console_tail(20),
+                    });
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Err(VmError::NotReady {
+                        timeout_secs: timeout.as_secs(),
+                        console_tail: self.console_tail(20),
+                    });
+                }
+                let wait = left.min(Duration::from_millis(100));
+                if let Ok(Ok(_)) = tokio::time::timeout(wait, listener.accept()).await {
+                    break Ok(());
+                }
+            };
+            drop(listener);
+            if let Some(path) = path {
+                let _ = std::fs::remove_file(path);
+            }
+            waited?;
+        }
         loop {
             if !self.is_alive() {
                 return Err(VmError::Stopped {
@@ -289,6 +359,11 @@ impl Vm {
         self.record.clone()
     }
 
+    /// How long this VM's boot took, by phase (`None` after a reattach).
+    pub fn boot_timings(&self) -> Option<BootTimings> {
+        self.timings
+    }
+
     /// Take a VM back from its record (after a daemon restart). Fails if
     /// its VMM is gone, with the reason from the console log.
     pub async fn reattach(record: VmRecord) -> Result<Vm, VmError> {
@@ -296,6 +371,7 @@ impl Vm {
             vmm: vmm::for_kind(record.vmm, record.firecracker_binary.clone()),
             transport: record.transport.open(),
             record,
+            timings: None,
         };
         if !vm.is_alive() {
             return Err(vm.stopped());
@@ -384,7 +460,13 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
 }
 
 /// Everything up to a started VMM (blocking work: files, probes, spawns).
-fn launch(image: &GuestImage, config: &VmConfig) -> Result<(Vm, Duration), VmError> {
+/// The guest's init connects to this host vsock port once its agent
+/// listens (see `Vm::wait_ready`).
+const READY_PORT: u32 = AGENT_PORT + 1;
+
+type Launch = (Vm, Duration, Option<std::os::unix::net::UnixListener>);
+
+fn launch(image: &GuestImage, config: &VmConfig) -> Result<Launch, VmError> {
     let (accel, host) = accel::choose(image, config.accel)?;
     let firecracker = match &config.vmm {
         VmmChoice::Qemu => None,
@@ -414,6 +496,7 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<(Vm, Duration), VmErr
         cwd: config.cwd.clone(),
         user: config.user.clone(),
         vsock_port: AGENT_PORT,
+        ready_port: Some(READY_PORT),
         root_device: "/dev/vda".into(),
         overlay_size_mib: config.overlay_size_mib,
     };
@@ -421,7 +504,9 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<(Vm, Duration), VmErr
 
     // `quiet` keeps the serial console (slow under TCG) to warnings and
     // panics; `panic=-1` turns a guest panic into an exit of the VMM.
-    let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
+    // `nowatchdog`: a pause stops the whole VMM, so the guest's clock jumps
+    // on resume, which the soft-lockup detector would report as a stall.
+    let mut cmdline = String::from("console=ttyS0 quiet panic=-1 nowatchdog");
     if accel == Accel::Tcg {
         cmdline.push_str(&format!(" tsc_early_khz={}", host.tsc_khz));
     }
@@ -431,6 +516,12 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<(Vm, Duration), VmErr
     cmdline.push_str(" -- --vm-init");
 
     let vsock_uds = state_dir.join("vsock.sock");
+    // Guest-initiated connections to host port P arrive on `<uds>_P`; bound
+    // before the VMM starts so the signal cannot be missed.
+    let ready_path = state_dir.join(format!("vsock.sock_{READY_PORT}"));
+    vmm::check_socket_path(&ready_path)?;
+    let ready = std::os::unix::net::UnixListener::bind(&ready_path)
+        .map_err(VmError::io("bind", &ready_path))?;
     let spec = vmm::LaunchSpec {
         id: config.id.clone(),
         accel,
@@ -476,8 +567,9 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<(Vm, Duration), VmErr
         transport: record.transport.open(),
         vmm,
         record,
+        timings: None,
     };
-    Ok((vm, timeout))
+    Ok((vm, timeout, Some(ready)))
 }
 
 fn tail(text: &str, lines: usize) -> String {

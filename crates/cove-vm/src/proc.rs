@@ -26,6 +26,12 @@ impl ProcessId {
         matches!(stat(self.pid), Some((start, state)) if start == self.start_time && state != 'Z' && state != 'X')
     }
 
+    /// Stopped by a signal (`T` in `/proc/<pid>/stat`): every thread of
+    /// the process has reached the group stop.
+    pub fn is_stopped(&self) -> bool {
+        matches!(stat(self.pid), Some((start, 'T')) if start == self.start_time)
+    }
+
     pub fn signal(&self, signal: i32) {
         if self.is_alive() {
             // SAFETY: kill takes no pointers; the PID was checked to still

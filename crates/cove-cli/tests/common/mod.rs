@@ -27,15 +27,27 @@ pub struct Daemon {
     pub http: reqwest::blocking::Client,
     /// More arguments of `cove serve`.
     pub extra: Vec<String>,
+    /// Extra environment of the daemon process (e.g. the microVM backend's).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
-        Daemon::start_with(&[])
+        Daemon::start_with_env(Vec::new())
     }
 
     /// A daemon with more arguments of `cove serve`.
     pub fn start_with(extra: &[String]) -> Daemon {
+        Daemon::start_full(extra, Vec::new())
+    }
+
+    /// A daemon with `env` added to its environment.
+    pub fn start_with_env(env: Vec<(String, String)>) -> Daemon {
+        Daemon::start_full(&[], env)
+    }
+
+    /// A daemon with more arguments and environment.
+    pub fn start_full(extra: &[String], env: Vec<(String, String)>) -> Daemon {
         let dirs = tempfile::tempdir().unwrap();
         let name = dirs
             .path()
@@ -56,6 +68,7 @@ impl Daemon {
                 .build()
                 .unwrap(),
             extra: extra.to_vec(),
+            env,
         };
         daemon.spawn();
         daemon
@@ -81,6 +94,7 @@ impl Daemon {
             .arg(&self.cgroup_parent)
             .args(&self.extra)
             .env("COVE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

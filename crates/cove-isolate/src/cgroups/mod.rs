@@ -255,11 +255,33 @@ impl SandboxCgroup {
     }
 
     /// Move the calling process into every cgroup of the sandbox.
-    pub fn join(&self) -> Result<(), CgroupError> {
+    pub fn join(&self, already_in: Option<&Path>) -> Result<(), CgroupError> {
         for dir in &self.dirs {
-            write(&dir.join("cgroup.procs"), "0")?;
+            if Some(dir.as_path()) == already_in {
+                continue;
+            }
+            // A v1 hierarchy: move this thread through `tasks`. The process
+            // is single-threaded, so that moves all of it, and for the
+            // caller's own thread the kernel skips the global threadgroup
+            // lock that `cgroup.procs` takes (an RCU grace period: several
+            // milliseconds per sandbox).
+            let tasks = dir.join("tasks");
+            if tasks.exists() {
+                write(&tasks, "0")?;
+            } else {
+                write(&dir.join("cgroup.procs"), "0")?;
+            }
         }
         Ok(())
+    }
+
+    /// The sandbox's cgroup v2 directory, if it has one: its first process
+    /// can be born there (`CLONE_INTO_CGROUP`).
+    pub fn v2_dir(&self) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .map(PathBuf::as_path)
+            .find(|dir| !dir.join("tasks").exists())
     }
 
     /// Kill every process of the sandbox.

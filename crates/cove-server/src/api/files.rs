@@ -241,10 +241,20 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let path = required(query.path)?;
     let who = auth.require(Scope::Exec)?;
-    let stream = state.manager.agent_stream(who, &id).await?;
-    let download = transfer_read(stream, &path).await.map_err(file_error)?;
-    let size = download.entry().size;
-    let mut response = transfer_body(download).into_response();
+    let (size, body) = match state.manager.agent_stream(who, &id).await? {
+        Some(stream) => {
+            let download = transfer_read(stream, &path).await.map_err(file_error)?;
+            (download.entry().size, transfer_body(download))
+        }
+        // A backend without transfer connections (microVMs): the same
+        // bytes, framed over the shared connection.
+        None => {
+            let agent = agent(&state, &auth, &id).await?;
+            let download = agent.fs_read(&path).await.map_err(file_error)?;
+            (download.entry().map_or(0, |e| e.size), body_of(download))
+        }
+    };
+    let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -284,8 +294,18 @@ pub async fn upload(
 ) -> Result<Json<FileEntry>, ApiError> {
     let path = required(query.path)?;
     let who = auth.require(Scope::Exec)?;
-    let stream = state.manager.agent_stream(who, &id).await?;
-    let upload = transfer_write(stream, &path, query.mode.map(|m| m.0))
+    let mode = query.mode.map(|m| m.0);
+    let Some(stream) = state.manager.agent_stream(who, &id).await? else {
+        let agent = agent(&state, &auth, &id).await?;
+        let upload = agent.fs_write(&path, mode).await.map_err(file_error)?;
+        return match feed(upload, body).await? {
+            FsDone::Entry(entry) => Ok(Json(file_entry(entry))),
+            other => Err(ApiError::internal(format!(
+                "the agent answered an upload with {other:?}"
+            ))),
+        };
+    };
+    let upload = transfer_write(stream, &path, mode)
         .await
         .map_err(file_error)?;
     Ok(Json(file_entry(feed_transfer(upload, body).await?)))

@@ -2,6 +2,7 @@
 //! middleware every request passes: request IDs, tracing, body limit,
 //! metrics, and JSON errors for unknown routes and methods.
 
+mod backends;
 pub(crate) mod compat;
 pub mod extract;
 mod files;
@@ -90,6 +91,8 @@ pub const MAX_BODY: usize = 64 << 20;
         keys::list,
         keys::revoke,
         system::templates,
+        backends::list,
+        backends::console,
         system::healthz,
         system::metrics,
     ),
@@ -247,6 +250,8 @@ pub fn native_routes() -> Router<AppState> {
         .route("/v1/keys", post(keys::create).get(keys::list))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/templates", get(system::templates))
+        .route("/v1/backends", get(backends::list))
+        .route("/v1/sandboxes/{id}/console", get(backends::console))
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi))
@@ -265,10 +270,15 @@ pub fn app(state: AppState, extra: Router<AppState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                })
+                // A 5xx is not always the daemon's failure (HopX answers a
+                // failed command with 500): `ApiError` logs real internal
+                // errors itself.
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(ids))

@@ -3,8 +3,10 @@
 //! through the agent connection an instance hands back, so they are written
 //! once and work on every backend.
 
+pub mod microvm;
 pub mod namespace;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -61,6 +63,20 @@ pub trait Backend: Send + Sync + 'static {
     fn supports_network(&self) -> bool {
         false
     }
+    /// Why this backend cannot create sandboxes on this host (what to
+    /// install), or `None` when it can. An unavailable backend still
+    /// reattaches and cleans up what an earlier run left.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+    /// The template used when a request names none (`None`: the daemon's).
+    fn default_template(&self) -> Option<&'static str> {
+        None
+    }
+    /// The console log kept for an ended sandbox, if any.
+    fn saved_console(&self, _id: &str) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// One sandbox of a backend.
@@ -70,6 +86,12 @@ pub trait Instance: Send + Sync + 'static {
     fn record(&self) -> serde_json::Value;
     /// A new connection to the agent.
     async fn connect(&self) -> Result<AgentStream, BackendError>;
+    /// Whether the agent takes a connection whole for one bulk file
+    /// transfer (`cove_protocol::fs::TRANSFER_CLIENT`); otherwise files
+    /// move framed over the shared connection.
+    fn serves_transfers(&self) -> bool {
+        true
+    }
     async fn pause(&self) -> Result<(), BackendError>;
     async fn resume(&self) -> Result<(), BackendError>;
     /// Kill everything and remove what the sandbox left on the host.
@@ -84,5 +106,9 @@ pub trait Instance: Send + Sync + 'static {
         Err(BackendError::Invalid(
             "this backend has no network namespace cove can wire".into(),
         ))
+    }
+    /// The sandbox's console log (microVMs: the guest's serial console).
+    fn console_log(&self) -> Option<PathBuf> {
+        None
     }
 }

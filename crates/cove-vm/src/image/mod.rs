@@ -27,7 +27,8 @@ use crate::{Progress, VmError};
 use cove_agent::vm_init::{CONFIG_PATH, MODULE_ORDER, MODULES_DIR, VmInitConfig};
 
 /// Bumped whenever the initramfs layout changes, so old images are rebuilt.
-const IMAGE_FORMAT: u32 = 1;
+/// 2: module signatures stripped.
+const IMAGE_FORMAT: u32 = 2;
 
 /// A bootable guest: kernel plus the agent's initramfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +112,7 @@ fn check_static(path: &Path, elf: &[u8]) -> Result<(), VmError> {
         return Err(VmError::Agent {
             path: path.to_path_buf(),
             reason: "it is dynamically linked; build it static with \
-                     RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
+                     RUSTFLAGS=\"-C target-feature=+crt-static -C strip=symbols\" cargo build --release \
                      --target x86_64-unknown-linux-gnu -p cove-agent"
                 .into(),
         });
@@ -140,7 +141,11 @@ fn write_initramfs(path: &Path, agent: &[u8], kernel: &kernel::Kernel) -> Result
         w.file("init", 0o755, agent)?;
         for name in &order {
             let data = std::fs::read(kernel.modules_dir().join(name))?;
-            w.file(&format!("{MODULES_DIR}/{name}"), 0o644, &data)?;
+            w.file(
+                &format!("{MODULES_DIR}/{name}"),
+                0o644,
+                without_signature(&data),
+            )?;
         }
         let mut list = order.join("\n");
         list.push('\n');
@@ -148,6 +153,34 @@ fn write_initramfs(path: &Path, agent: &[u8], kernel: &kernel::Kernel) -> Result
         w.finish().map(|_| ())
     })();
     result.map_err(io)
+}
+
+/// A module without its appended signature. Debian signs its modules, and
+/// the guest kernel verifies a signature whenever one is present (SHA-256
+/// over the whole module, then RSA), which under TCG costs more than
+/// loading the module; without one it loads the module all the same (the
+/// guest does not enforce signatures) and notes a taint. The modules come
+/// from Debian's package, whose own signature apt checked.
+pub fn without_signature(module: &[u8]) -> &[u8] {
+    const MAGIC: &[u8] = b"~Module signature appended~\n";
+    // struct module_signature: 12 bytes, its last 4 the signature length
+    // (big-endian); the signature sits right before it.
+    let Some(body) = module.strip_suffix(MAGIC) else {
+        return module;
+    };
+    let Some(info_at) = body.len().checked_sub(12) else {
+        return module;
+    };
+    let sig_len = u32::from_be_bytes([
+        body[info_at + 8],
+        body[info_at + 9],
+        body[info_at + 10],
+        body[info_at + 11],
+    ]) as usize;
+    match info_at.checked_sub(sig_len) {
+        Some(end) => &module[..end],
+        None => module,
+    }
 }
 
 /// Write a VM's initramfs: the shared one with the VM's config appended as
@@ -186,5 +219,25 @@ impl Fnv {
             self.0 ^= u64::from(b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_an_appended_module_signature_only() {
+        let mut signed = b"\x7fELF module body".to_vec();
+        signed.extend_from_slice(&[0xAA; 5]);
+        signed.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        signed.extend_from_slice(b"~Module signature appended~\n");
+        assert_eq!(without_signature(&signed), b"\x7fELF module body");
+        assert_eq!(without_signature(b"plain"), b"plain");
+        // A length that does not fit is left alone, not a panic.
+        let mut bogus = vec![0u8; 8];
+        bogus.extend_from_slice(&[0xff; 4]);
+        bogus.extend_from_slice(b"~Module signature appended~\n");
+        assert_eq!(without_signature(&bogus), &bogus[..]);
     }
 }

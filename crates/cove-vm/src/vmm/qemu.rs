@@ -212,16 +212,56 @@ impl Vmm for Qemu {
         })
     }
 
+    /// Pause by stopping QEMU's process (SIGSTOP), not with QMP `stop`.
+    ///
+    /// QMP `stop` stops every vhost-user device: QEMU sends
+    /// `GET_VRING_BASE`, and the backend marks its queues not ready. If the
+    /// host then writes to a vsock connection, `vhost-device-vsock` (0.3)
+    /// still handles the socket event, fails to walk the stopped TX queue
+    /// (`QueueNotReady`), returns the error from its event handler, and
+    /// `vhost-user-backend` ends that worker thread: after `cont` no
+    /// connection, old or new, is ever served again. Stopping the whole
+    /// QEMU process instead freezes the vCPUs while the vrings stay
+    /// started, so the backend keeps placing host bytes in the guest's RX
+    /// buffers (or leaves them in the socket when there are none) and the
+    /// guest sees them, with the pending interrupt, when it runs again.
     fn pause<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move { qmp::execute(&record.control, "stop").await.map(|_| ()) })
+        Box::pin(async move {
+            let process = record.vmm_process;
+            process.signal(libc::SIGSTOP);
+            // The group stop completes asynchronously; report paused only
+            // once no vCPU thread runs any more.
+            for _ in 0..500 {
+                if process.is_stopped() {
+                    return Ok(());
+                }
+                if !process.is_alive() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            Err(VmError::Control {
+                command: "SIGSTOP".into(),
+                detail: format!("QEMU (pid {}) did not stop", process.pid),
+            })
+        })
     }
 
     fn resume<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move { qmp::execute(&record.control, "cont").await.map(|_| ()) })
+        Box::pin(async move {
+            record.vmm_process.signal(libc::SIGCONT);
+            // A VM paused with QMP `stop` by an older cove (or by hand)
+            // needs `cont` too; on a running VM it is a no-op.
+            qmp::execute(&record.control, "cont").await.map(|_| ())
+        })
     }
 
     fn quit<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), VmError>> {
-        Box::pin(async move { qmp::execute(&record.control, "quit").await.map(|_| ()) })
+        Box::pin(async move {
+            // A stopped QEMU cannot answer its monitor.
+            record.vmm_process.signal(libc::SIGCONT);
+            qmp::execute(&record.control, "quit").await.map(|_| ())
+        })
     }
 }
 

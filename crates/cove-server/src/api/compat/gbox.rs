@@ -45,6 +45,7 @@ fn render(err: ApiError) -> Response {
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Timeout => StatusCode::REQUEST_TIMEOUT,
         ErrorCode::AgentUnreachable => StatusCode::BAD_GATEWAY,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let body = json!({

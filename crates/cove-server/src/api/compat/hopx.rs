@@ -38,6 +38,7 @@ fn render(err: ApiError) -> Response {
         }
         ErrorCode::AgentUnreachable => (StatusCode::BAD_GATEWAY, "AGENT_UNREACHABLE"),
         ErrorCode::Timeout => (StatusCode::REQUEST_TIMEOUT, "TIMEOUT"),
+        ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
     };
     let mut response = (

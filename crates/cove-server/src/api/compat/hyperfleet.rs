@@ -58,6 +58,7 @@ fn render(err: ApiError) -> Response {
         ErrorCode::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "BAD_REQUEST"),
         ErrorCode::AgentUnreachable => (StatusCode::BAD_GATEWAY, "VSOCK_ERROR"),
         ErrorCode::Timeout => (StatusCode::GATEWAY_TIMEOUT, "TIMEOUT"),
+        ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
     };
     let mut response = error(status, code, err.message);
