@@ -851,6 +851,16 @@ impl Network {
     pub async fn collect_garbage(&self, live: &HashSet<String>) {
         let mut state = self.inner.base.lock().await;
         if state.lock.is_none() {
+            // Nothing on the host: nothing to collect, and no lock file to
+            // leave behind for a daemon that never uses the network.
+            let table = matches!(self.inner.nft.list().await, Ok(Some(_)));
+            let bridge = matches!(
+                self.inner.links.index(&self.inner.config.bridge).await,
+                Ok(Some(_))
+            );
+            if !table && !bridge {
+                return;
+            }
             match take_lock(&self.inner.config.table) {
                 Ok(Some(lock)) => state.lock = Some(lock),
                 Ok(None) => {

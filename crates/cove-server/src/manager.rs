@@ -425,6 +425,24 @@ impl Manager {
                 format!("the {backend_name} backend is not available on this host: {why}"),
             ));
         }
+        let wants_network = req.network.effective_mode() != cove_api::NetworkMode::None
+            || !req.network.exposed_ports.is_empty();
+        cove_net::Network::validate(&req.network).map_err(net_error)?;
+        let network = match (&self.inner.config.network, wants_network) {
+            (_, false) => None,
+            (_, true) if !backend.supports_network() => {
+                return Err(ApiError::invalid(format!(
+                    "backend {backend_name:?} does not support network \"egress\" or exposed_ports yet; use the namespace backend or network \"none\""
+                )));
+            }
+            (None, true) => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "this daemon has no sandbox networking (see its log); only network \"none\" without exposed_ports works",
+                ));
+            }
+            (Some(network), true) => Some(network.clone()),
+        };
         let template_name = req
             .template
             .clone()
@@ -494,25 +512,6 @@ impl Manager {
             cpus: limits.cpus,
             pids: limits.pids,
             disk,
-        };
-
-        let wants_network = req.network.effective_mode() != cove_api::NetworkMode::None
-            || !req.network.exposed_ports.is_empty();
-        cove_net::Network::validate(&req.network).map_err(net_error)?;
-        let network = match (&self.inner.config.network, wants_network) {
-            (_, false) => None,
-            (None, true) => {
-                return Err(ApiError::new(
-                    ErrorCode::Unavailable,
-                    "this daemon has no sandbox networking (see its log); only network \"none\" without exposed_ports works",
-                ));
-            }
-            (Some(_), true) if !backend.supports_network() => {
-                return Err(ApiError::invalid(format!(
-                    "backend {backend_name:?} does not support network \"egress\" or exposed_ports yet; use the namespace backend or network \"none\""
-                )));
-            }
-            (Some(network), true) => Some(network.clone()),
         };
 
         let id = match fixed_id {
