@@ -46,8 +46,35 @@ struct PasswdEntry {
     shell: String,
 }
 
+/// Largest account database read; the rest is ignored.
+const MAX_DB: u64 = 4 << 20;
+
+/// Read one of the sandbox's account databases, which its own programs may
+/// have replaced with anything: only a regular file is read (a FIFO would
+/// block the agent, `/dev/zero` would never end), and at most `MAX_DB`
+/// bytes of it. Anything else reads as empty.
+fn read_db(path: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    else {
+        return String::new();
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    if file.take(MAX_DB).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 fn passwd(root: &Path) -> Vec<PasswdEntry> {
-    let text = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
+    let text = read_db(&root.join("etc/passwd"));
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(':').collect();
@@ -67,7 +94,7 @@ fn passwd(root: &Path) -> Vec<PasswdEntry> {
 
 /// (name, gid, members)
 fn groups(root: &Path) -> Vec<(String, u32, Vec<String>)> {
-    let text = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
+    let text = read_db(&root.join("etc/group"));
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(':').collect();
@@ -179,6 +206,26 @@ mod tests {
         assert_eq!(user.gid, 10);
         let anon = resolve(dir.path(), "4242").unwrap();
         assert_eq!((anon.uid, anon.gid, anon.name), (4242, 4242, None));
+    }
+
+    #[test]
+    fn a_fifo_or_device_as_passwd_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        nix::unistd::mkfifo(
+            &dir.path().join("etc/passwd"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("etc/group")).unwrap();
+        assert_eq!(
+            resolve(dir.path(), "user"),
+            Err(UserError::NoSuchUser("user".into()))
+        );
+        assert_eq!(
+            resolve(dir.path(), "0:wheel"),
+            Err(UserError::NoSuchGroup("wheel".into()))
+        );
     }
 
     #[test]
