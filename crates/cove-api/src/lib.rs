@@ -7,6 +7,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod keys;
+pub mod network;
 pub mod sandbox;
 pub mod units;
 pub mod values;
@@ -21,6 +22,7 @@ pub use files::{
     FileEntry, FileList, FileType, MkdirRequest, ModeValue, MoveRequest, TarResult, WatchEvent,
 };
 pub use keys::{CreateKeyRequest, KeyCreated, KeyInfo, KeyList, Scope};
+pub use network::{NetworkInfo, NetworkMode, NetworkRequest, PortMapping, PortRequest};
 pub use sandbox::{
     CreateSandboxRequest, CreateTemplateRequest, Limits, Sandbox, SandboxList, SandboxState,
     SetTimeoutRequest, SnapshotRequest, TemplateInfo, TemplateList,

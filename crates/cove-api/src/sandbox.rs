@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::network::{NetworkInfo, NetworkRequest};
 use crate::values::{DurationValue, SizeValue};
 
 /// `POST /v1/sandboxes`.
@@ -54,6 +55,12 @@ pub struct CreateSandboxRequest {
     /// Resume a paused sandbox when a command arrives, instead of a 409.
     #[serde(default)]
     pub auto_resume: bool,
+    /// The sandbox's network: `"none"` (default, loopback only),
+    /// `"egress"`, or an object with `mode`, `allow_out`, `deny_out` and
+    /// `exposed_ports` (see docs/network.md).
+    #[serde(default)]
+    #[schema(value_type = Option<NetworkRequest>)]
+    pub network: NetworkRequest,
 }
 
 /// Where a sandbox is in its life.
@@ -141,6 +148,9 @@ pub struct Sandbox {
     /// A paused sandbox resumes when a command arrives.
     #[serde(default)]
     pub auto_resume: bool,
+    /// Its network mode, address, policy and published ports.
+    #[serde(default)]
+    pub network: NetworkInfo,
 }
 
 fn default_on_timeout() -> String {

@@ -183,7 +183,7 @@ fn main() {
     };
     let remote = &cli.remote;
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(args, remote),
         Command::Serve(args) => serve::run(args),
         Command::Create(args) => remote::create(remote, args),
         Command::Ls { all, state, labels } => remote::ls(remote, all, state, labels),

@@ -68,6 +68,68 @@ pub struct CreateArgs {
     /// Backend: namespace (default) or microvm.
     #[arg(long)]
     pub backend: Option<String>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// Network flags of `cove create` and `cove run` (docs/network.md).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NetworkArgs {
+    /// none (default: loopback only) or egress (a veth into cove's bridge,
+    /// NAT, filtered by --allow-out/--deny-out).
+    #[arg(long, value_name = "MODE", value_parser = ["none", "egress"])]
+    pub network: Option<String>,
+    /// Where the sandbox may connect: a CIDR, address or host name
+    /// (repeatable; implies egress). With any, nothing else is reachable.
+    #[arg(long = "allow-out", value_name = "TARGET")]
+    pub allow_out: Vec<String>,
+    /// Where it may not connect (repeatable; implies egress; wins over --allow-out).
+    #[arg(long = "deny-out", value_name = "TARGET")]
+    pub deny_out: Vec<String>,
+    /// Publish a port on the host's 127.0.0.1: PORT (host port picked
+    /// for you) or HOST_PORT:PORT (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[HOST_PORT:]PORT", value_parser = parse_publish)]
+    pub publish: Vec<cove_api::PortRequest>,
+}
+
+impl NetworkArgs {
+    pub fn request(&self) -> cove_api::NetworkRequest {
+        cove_api::NetworkRequest {
+            mode: self.network.as_deref().map(|m| match m {
+                "egress" => cove_api::NetworkMode::Egress,
+                _ => cove_api::NetworkMode::None,
+            }),
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+            exposed_ports: self.publish.clone(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.network.is_none()
+            && self.allow_out.is_empty()
+            && self.deny_out.is_empty()
+            && self.publish.is_empty()
+    }
+}
+
+fn parse_publish(s: &str) -> Result<cove_api::PortRequest, String> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    match s.split_once(':') {
+        Some((host, inner)) => Ok(cove_api::PortRequest {
+            port: port(inner)?,
+            host_port: Some(port(host)?),
+        }),
+        None => Ok(cove_api::PortRequest {
+            port: port(s)?,
+            host_port: None,
+        }),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -204,6 +266,7 @@ pub fn create(remote: &Remote, args: CreateArgs) -> Result<ExitCode, Failure> {
         timeout: args.timeout.map(DurationValue),
         labels: args.labels.into_iter().collect(),
         backend: args.backend,
+        network: args.network.request(),
         ..CreateSandboxRequest::default()
     };
     let sandbox = runtime()?

@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// `docker run IMAGE [ARGS…]` does: arguments given replace CMD.
     #[arg(long, conflicts_with = "shell")]
     pub entrypoint: bool,
+    /// Network (--network, --allow-out, --deny-out, -p): a sandbox with
+    /// any of these is created by the local daemon (`cove serve`), which
+    /// owns the bridge, nftables table and DNS forwarder.
+    #[command(flatten)]
+    pub network: crate::remote::NetworkArgs,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -96,27 +101,31 @@ fn state_root() -> PathBuf {
     paths::default_runtime_dir().join("run")
 }
 
-pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
+pub fn run(mut args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Failure> {
     let store = TemplateStore::new(paths::default_data_dir().join("templates"));
-    let command = match (&args.shell, args.command.is_empty()) {
-        _ if args.entrypoint => {
-            let name = args
-                .template
-                .as_deref()
-                .unwrap_or(if args.backend == "microvm" {
-                    cove_server::backend::microvm::DEFAULT_VM_TEMPLATE
-                } else {
-                    cove_template::DEFAULT_TEMPLATE
-                });
-            let template = store.get(name).map_err(|e| Failure::new(e.to_string()))?;
-            let argv = entrypoint_argv(&template.meta.config, &args.command);
-            if argv.is_empty() {
-                return Err(Failure::usage(format!(
-                    "template {name} has no ENTRYPOINT or CMD; give a command"
-                )));
-            }
-            CommandLine::Argv(argv)
+    if args.entrypoint {
+        let name = args
+            .template
+            .as_deref()
+            .unwrap_or(if args.backend == "microvm" {
+                cove_server::backend::microvm::DEFAULT_VM_TEMPLATE
+            } else {
+                cove_template::DEFAULT_TEMPLATE
+            });
+        let template = store.get(name).map_err(|e| Failure::new(e.to_string()))?;
+        let argv = entrypoint_argv(&template.meta.config, &args.command);
+        if argv.is_empty() {
+            return Err(Failure::usage(format!(
+                "template {name} has no ENTRYPOINT or CMD; give a command"
+            )));
         }
+        args.command = argv;
+        args.entrypoint = false;
+    }
+    if !args.network.is_empty() {
+        return run_through_daemon(args, remote);
+    }
+    let command = match (&args.shell, args.command.is_empty()) {
         (Some(script), _) => CommandLine::Shell(script.clone()),
         (None, false) => CommandLine::Argv(args.command.clone()),
         (None, true) => {
@@ -155,6 +164,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         cwd: None,
         user: None,
         cgroup_parent: paths::cgroup_parent(),
+        resolv_conf: None,
     };
 
     let root = state_root();
@@ -379,4 +389,60 @@ fn sweep_stale(root: &Path) {
             tracing::warn!(%err, id = %record.id, "cannot clean up a stale sandbox");
         }
     }
+}
+
+/// `cove run` with network flags: create the sandbox through the daemon,
+/// run the command attached, delete the sandbox whatever happened.
+fn run_through_daemon(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Failure> {
+    if args.shell.is_none() && args.command.is_empty() {
+        return Err(Failure::usage(
+            "nothing to run: give a command after `--`, or --shell 'SCRIPT'",
+        ));
+    }
+    let req = cove_api::CreateSandboxRequest {
+        template: args.template.clone(),
+        backend: Some(args.backend.clone()),
+        env: args.env.iter().cloned().collect(),
+        memory: args.memory.map(cove_api::SizeValue),
+        cpus: args.cpus,
+        pids: args.pids,
+        disk: Some(cove_api::SizeValue(args.disk)),
+        network: args.network.request(),
+        ..cove_api::CreateSandboxRequest::default()
+    };
+    let client = remote.client();
+    let sandbox = crate::remote::runtime()?
+        .block_on(client.create_sandbox(&req))
+        .map_err(|e| {
+            let failure = crate::remote::fail(e);
+            Failure::new(format!(
+                "{} (cove run with network flags needs the daemon: cove serve)",
+                failure.message
+            ))
+        })?;
+    for port in &sandbox.network.ports {
+        eprintln!(
+            "cove: port {} of {} is published on {}:{}",
+            port.port, sandbox.id, port.host_ip, port.host_port
+        );
+    }
+    let exec = crate::remote::ExecArgs {
+        id: sandbox.id.clone(),
+        env: Vec::new(),
+        workdir: args.workdir,
+        user: args.user,
+        timeout: (!args.timeout.is_zero()).then_some(args.timeout),
+        shell: args.shell,
+        detach: false,
+        interactive: args.tty,
+        tty: args.tty,
+        tag: None,
+        command: args.command,
+    };
+    let code = crate::remote::exec(remote, exec);
+    let deleted = crate::remote::runtime()?.block_on(client.delete_sandbox(&sandbox.id));
+    if let Err(err) = deleted {
+        eprintln!("cove: cannot delete sandbox {}: {err}", sandbox.id);
+    }
+    code
 }

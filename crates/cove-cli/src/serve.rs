@@ -21,7 +21,21 @@ pub struct ServeArgs {
     /// The cgroup directory sandboxes go under [default: cove].
     #[arg(long, env = "COVE_CGROUP_PARENT")]
     pub cgroup_parent: Option<String>,
-    /// A TOML file with any of: listen, data_dir, runtime_dir, cgroup_parent.
+    /// The bridge sandboxes with egress hang off [default: cove0].
+    #[arg(long, env = "COVE_NETWORK_BRIDGE", value_name = "NAME")]
+    pub network_bridge: Option<String>,
+    /// cove's nftables table (family inet) [default: cove].
+    #[arg(long, env = "COVE_NETWORK_TABLE", value_name = "NAME")]
+    pub network_table: Option<String>,
+    /// The address pool of sandboxes with egress [default: 10.88.0.0/16].
+    #[arg(long, env = "COVE_NETWORK_POOL", value_name = "CIDR")]
+    pub network_pool: Option<String>,
+    /// A DNS server the sandboxes' resolver asks, IP or IP:PORT
+    /// (repeatable) [default: the host's /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    pub dns_upstream: Vec<String>,
+    /// A TOML file with any of: listen, data_dir, runtime_dir, cgroup_parent,
+    /// network_bridge, network_table, network_pool, dns_upstream.
     #[arg(long, env = "COVE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -38,6 +52,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
     };
     let helper = std::env::current_exe()
         .map_err(|e| Failure::new(format!("cannot find the cove binary: {e}")))?;
+    let network = network_config(&args, &file)?;
     let config = ServeConfig {
         listen: args.listen.or(file.listen).unwrap_or_else(|| {
             cove_api::DEFAULT_LISTEN
@@ -57,6 +72,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             .or(file.cgroup_parent)
             .unwrap_or_else(|| "cove".into()),
         helper,
+        network,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -73,6 +89,32 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         })
         .map_err(|e| Failure::new(e.to_string()))?;
     Ok(ExitCode(0))
+}
+
+fn network_config(args: &ServeArgs, file: &ConfigFile) -> Result<cove_net::NetworkConfig, Failure> {
+    let mut config = cove_net::NetworkConfig::default();
+    if let Some(bridge) = args.network_bridge.clone().or(file.network_bridge.clone()) {
+        config.bridge = bridge;
+    }
+    if let Some(table) = args.network_table.clone().or(file.network_table.clone()) {
+        config.table = table;
+    }
+    if let Some(pool) = args.network_pool.clone().or(file.network_pool.clone()) {
+        config.pool = pool
+            .parse()
+            .map_err(|_| Failure::new(format!("network pool {pool:?} is not an IPv4 CIDR")))?;
+    }
+    let upstream = if args.dns_upstream.is_empty() {
+        file.dns_upstream.clone().unwrap_or_default()
+    } else {
+        args.dns_upstream.clone()
+    };
+    for server in upstream {
+        config
+            .dns_upstream
+            .push(cove_server::parse_dns_server(&server).map_err(Failure::new)?);
+    }
+    Ok(config)
 }
 
 /// SIGTERM or SIGINT: stop accepting, finish in-flight requests, leave

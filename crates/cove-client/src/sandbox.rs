@@ -91,6 +91,39 @@ impl SandboxSpec {
         self.request.backend = Some(backend.into());
         self
     }
+    /// Give the sandbox egress through cove's bridge (docs/network.md);
+    /// without it, and without `allow_out`/`deny_out`, it has loopback only.
+    pub fn egress(mut self) -> Self {
+        self.request.network.mode = Some(cove_api::NetworkMode::Egress);
+        self
+    }
+
+    /// Let the sandbox connect to a CIDR, address or host name (repeatable;
+    /// implies egress). With any `allow_out`, nothing else is reachable.
+    pub fn allow_out(mut self, target: impl Into<String>) -> Self {
+        self.request.network.allow_out.push(target.into());
+        self
+    }
+
+    /// Keep the sandbox from a CIDR, address or host name (repeatable;
+    /// implies egress); wins over `allow_out`.
+    pub fn deny_out(mut self, target: impl Into<String>) -> Self {
+        self.request.network.deny_out.push(target.into());
+        self
+    }
+
+    /// Publish `port` of the sandbox on the host's 127.0.0.1, on a port the
+    /// kernel picks ([`Sandbox::published_port`] tells which).
+    pub fn expose(mut self, port: u16) -> Self {
+        self.request
+            .network
+            .exposed_ports
+            .push(cove_api::PortRequest {
+                port,
+                host_port: None,
+            });
+        self
+    }
 
     /// The API request this spec sends.
     pub fn request(&self) -> &CreateSandboxRequest {
@@ -130,6 +163,16 @@ impl Sandbox {
     /// The sandbox's ID (`sbx-…`).
     pub fn id(&self) -> &str {
         &self.info.id
+    }
+    /// The host port (on 127.0.0.1) that reaches `port` of the sandbox,
+    /// when it was published at create.
+    pub fn published_port(&self, port: u16) -> Option<u16> {
+        self.info()
+            .network
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.host_port)
     }
 
     /// What the daemon said about the sandbox when this handle was made.
@@ -290,4 +333,35 @@ impl Sandbox {
 /// The environment a command will run with, as `KEY=VALUE` strings.
 pub(crate) fn environ(env: &BTreeMap<String, String>) -> Vec<String> {
     env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_builders_fill_the_request() {
+        let spec = SandboxSpec::new()
+            .allow_out("pypi.org")
+            .deny_out("10.0.0.0/8")
+            .expose(8000);
+        let network = &spec.request().network;
+        assert_eq!(network.effective_mode(), cove_api::NetworkMode::Egress);
+        assert_eq!(network.allow_out, vec!["pypi.org".to_string()]);
+        assert_eq!(network.deny_out, vec!["10.0.0.0/8".to_string()]);
+        assert_eq!(network.exposed_ports[0].port, 8000);
+        let none = SandboxSpec::new().expose(3000);
+        assert_eq!(
+            none.request().network.effective_mode(),
+            cove_api::NetworkMode::None
+        );
+        assert_eq!(
+            SandboxSpec::new()
+                .egress()
+                .request()
+                .network
+                .effective_mode(),
+            cove_api::NetworkMode::Egress
+        );
+    }
 }

@@ -20,6 +20,9 @@ pub struct SandboxOptions {
     pub user: Option<String>,
     /// The cgroup directory sandboxes are created under.
     pub cgroup_parent: String,
+    /// The sandbox's `/etc/resolv.conf` (egress sandboxes: cove's DNS
+    /// forwarder); `None` leaves the template's.
+    pub resolv_conf: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -31,6 +34,7 @@ impl Default for SandboxOptions {
             cwd: None,
             user: None,
             cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
+            resolv_conf: None,
         }
     }
 }
@@ -98,6 +102,13 @@ pub fn sandbox_config(
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"
     );
+    let mut files = vec![
+        ("/etc/hostname".into(), format!("{id}\n").into_bytes()),
+        ("/etc/hosts".into(), hosts.into_bytes()),
+    ];
+    if let Some(resolv) = &options.resolv_conf {
+        files.push(("/etc/resolv.conf".into(), resolv.clone().into_bytes()));
+    }
     SandboxConfig {
         id: id.to_string(),
         rootfs: RootfsSpec {
@@ -106,10 +117,7 @@ pub fn sandbox_config(
             binds: template.binds.clone(),
             masks: template.masks.clone(),
             disk_bytes: options.disk.unwrap_or(DEFAULT_DISK),
-            files: vec![
-                ("/etc/hostname".into(), format!("{id}\n").into_bytes()),
-                ("/etc/hosts".into(), hosts.into_bytes()),
-            ],
+            files,
         },
         limits: options.limits.clone(),
         state_dir: state_root.join(id),

@@ -36,6 +36,9 @@ pub struct ServeConfig {
     pub cgroup_parent: String,
     /// The cove binary, run as `cove __create-sandbox` to create sandboxes.
     pub helper: PathBuf,
+    /// The bridge, nftables table, address pool and DNS servers of
+    /// sandboxes with egress (docs/network.md).
+    pub network: cove_net::NetworkConfig,
 }
 
 /// The optional TOML configuration file; every field may be omitted.
@@ -46,6 +49,15 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
     pub cgroup_parent: Option<String>,
+    /// The bridge egress sandboxes hang off (default `cove0`).
+    pub network_bridge: Option<String>,
+    /// cove's nftables table in the `inet` family (default `cove`).
+    pub network_table: Option<String>,
+    /// The sandbox address pool (default `10.88.0.0/16`).
+    pub network_pool: Option<String>,
+    /// DNS servers the sandboxes' resolver asks (default: the host's
+    /// `/etc/resolv.conf`), as `IP` or `IP:PORT`.
+    pub dns_upstream: Option<Vec<String>>,
 }
 
 impl ConfigFile {
@@ -148,6 +160,13 @@ impl Server {
             vm_setup,
         ));
         let metrics = Arc::new(metrics::Metrics::new());
+        let network = match cove_net::Network::new(config.network.clone()) {
+            Ok(network) => Some(network),
+            Err(err) => {
+                tracing::warn!(%err, "sandbox networking is off: only network \"none\" works");
+                None
+            }
+        };
         let manager = manager::Manager::new(
             store,
             templates,
@@ -155,6 +174,7 @@ impl Server {
             manager::ManagerConfig {
                 cgroup_parent: config.cgroup_parent.clone(),
                 default_backend: "namespace".into(),
+                network,
             },
             metrics,
         );
@@ -197,4 +217,14 @@ impl Server {
         tracing::info!("stopped serving; sandboxes keep running");
         Ok(())
     }
+}
+
+/// A DNS server given as `IP` or `IP:PORT` (port 53 by default).
+pub fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("DNS server {s:?} must be an IP address or IP:PORT"))
 }

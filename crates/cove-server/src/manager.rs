@@ -45,6 +45,9 @@ const START_WAIT: Duration = Duration::from_secs(60);
 pub struct ManagerConfig {
     pub cgroup_parent: String,
     pub default_backend: String,
+    /// Per-sandbox networking (egress, published ports); `None`: only
+    /// `network: "none"` without published ports is accepted.
+    pub network: Option<cove_net::Network>,
 }
 
 /// One live sandbox.
@@ -169,6 +172,28 @@ struct StoredSpec {
     /// (what a snapshot stacks on, even if the template is replaced).
     #[serde(default)]
     layers: Vec<cove_template::Digest>,
+    /// The sandbox's network (address, policy, published ports).
+    #[serde(default)]
+    network: cove_net::Stored,
+}
+
+/// A network error as the API shows it.
+fn net_error(err: cove_net::NetError) -> ApiError {
+    use cove_net::NetError;
+    match err {
+        NetError::Invalid(msg) => ApiError::new(ErrorCode::InvalidRequest, msg),
+        NetError::PortInUse(msg) => ApiError::new(ErrorCode::Conflict, msg),
+        NetError::Unavailable(msg) => ApiError::new(ErrorCode::Unavailable, msg),
+        NetError::Host(msg) => {
+            ApiError::internal(format!("setting up the sandbox's network: {msg}"))
+        }
+    }
+}
+
+fn stored_network(row: &SandboxRow) -> cove_net::Stored {
+    serde_json::from_str::<StoredSpec>(&row.spec)
+        .map(|s| s.network)
+        .unwrap_or_default()
 }
 
 fn view_from_row(row: &SandboxRow) -> Sandbox {
@@ -190,6 +215,7 @@ fn view_from_row(row: &SandboxRow) -> Sandbox {
             "kill".into()
         },
         auto_resume: spec.as_ref().is_some_and(|s| s.auto_resume),
+        network: spec.as_ref().map(|s| s.network.info()).unwrap_or_default(),
         limits: spec.map(|s| s.limits).unwrap_or_default(),
         labels: serde_json::from_str(&row.labels).unwrap_or_default(),
         metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
@@ -403,6 +429,24 @@ impl Manager {
                 format!("the {backend_name} backend is not available on this host: {why}"),
             ));
         }
+        let wants_network = req.network.effective_mode() != cove_api::NetworkMode::None
+            || !req.network.exposed_ports.is_empty();
+        cove_net::Network::validate(&req.network).map_err(net_error)?;
+        let network = match (&self.inner.config.network, wants_network) {
+            (_, false) => None,
+            (_, true) if !backend.supports_network() => {
+                return Err(ApiError::invalid(format!(
+                    "backend {backend_name:?} does not support network \"egress\" or exposed_ports yet; use the namespace backend or network \"none\""
+                )));
+            }
+            (None, true) => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "this daemon has no sandbox networking (see its log); only network \"none\" without exposed_ports works",
+                ));
+            }
+            (Some(network), true) => Some(network.clone()),
+        };
         let template_name = req
             .template
             .clone()
@@ -456,6 +500,7 @@ impl Manager {
             cwd: req.cwd.clone(),
             user: req.user.clone(),
             cgroup_parent: self.inner.config.cgroup_parent.clone(),
+            resolv_conf: None,
         };
         let cwd = options
             .cwd
@@ -506,6 +551,19 @@ impl Manager {
                 )));
             }
         };
+        // Take what can fail for the request's own reasons (host names,
+        // host ports, an address) before anything is created.
+        let prepared = match &network {
+            Some(network) => Some(
+                network
+                    .prepare(&id, &req.network)
+                    .await
+                    .map_err(net_error)?,
+            ),
+            None => None,
+        };
+        let mut options = options;
+        options.resolv_conf = prepared.as_ref().and_then(|p| p.resolv_conf());
         let spec_json = serde_json::to_string(&StoredSpec {
             cwd: cwd.clone(),
             user: user.clone(),
@@ -513,6 +571,10 @@ impl Manager {
             pause_on_timeout,
             auto_resume: req.auto_resume,
             layers: template.meta.layers.clone(),
+            network: prepared
+                .as_ref()
+                .map(|p| p.stored().clone())
+                .unwrap_or_default(),
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
         let row = SandboxRow {
@@ -563,7 +625,7 @@ impl Manager {
         let task_entry = entry.clone();
         let started = tokio::spawn(async move {
             let _guard = guard;
-            manager.start(task_entry, backend, spec).await
+            manager.start(task_entry, backend, spec, prepared).await
         });
         if !wait {
             return Ok(entry.view());
@@ -597,12 +659,20 @@ impl Manager {
         entry: Arc<Entry>,
         backend: Arc<dyn Backend>,
         spec: SandboxSpec,
+        prepared: Option<cove_net::Prepared>,
     ) -> Result<(), ApiError> {
         let id = spec.id.clone();
         let created = backend.create(spec).await;
         let result = match created {
-            Ok(instance) => match connect(instance.as_ref()).await {
-                Ok(agent) => Ok((instance, agent)),
+            Ok(instance) => match self.attach_network(&id, instance.as_ref(), prepared).await {
+                Ok(()) => match connect(instance.as_ref()).await {
+                    Ok(agent) => Ok((instance, agent)),
+                    Err(err) => {
+                        let _ = instance.destroy().await;
+                        self.detach_network(&id).await;
+                        Err(err)
+                    }
+                },
                 Err(err) => {
                     let _ = instance.destroy().await;
                     Err(err)
@@ -621,6 +691,7 @@ impl Manager {
                 {
                     // Never run a sandbox the database does not know is running.
                     let _ = instance.destroy().await;
+                    self.detach_network(&id).await;
                     entry.set(SandboxState::Failed, Some(err.to_string()));
                     self.forget(&id);
                     return Err(err.into());
@@ -652,6 +723,34 @@ impl Manager {
         }
     }
 
+    /// Wire a created sandbox's network (nothing to do without one). On
+    /// failure nothing of it is left on the host.
+    async fn attach_network(
+        &self,
+        id: &str,
+        instance: &dyn Instance,
+        prepared: Option<cove_net::Prepared>,
+    ) -> Result<(), ApiError> {
+        let (Some(network), Some(prepared)) = (&self.inner.config.network, prepared) else {
+            return Ok(());
+        };
+        if !prepared.needs_attach() {
+            return Ok(());
+        }
+        let netns = instance.network_namespace().map_err(backend_error)?;
+        network.attach(prepared, netns).await.map_err(|err| {
+            tracing::warn!(%id, %err, "wiring the sandbox's network failed");
+            net_error(err)
+        })
+    }
+
+    /// Remove a sandbox's veth, rules, address and published ports.
+    async fn detach_network(&self, id: &str) {
+        if let Some(network) = &self.inner.config.network {
+            network.detach(id).await;
+        }
+    }
+
     /// Watch for the sandbox ending on its own (its agent died).
     fn monitor(&self, entry: Arc<Entry>, instance: Arc<dyn Instance>) {
         let manager = self.clone();
@@ -674,6 +773,7 @@ impl Manager {
                 .await;
             entry.set(SandboxState::Failed, Some(reason));
             let _ = instance.destroy().await;
+            manager.detach_network(&entry.id).await;
             manager.forget(&entry.id);
         });
     }
@@ -733,6 +833,7 @@ impl Manager {
         {
             tracing::warn!(id = %entry.id, %err, "destroy reported a problem");
         }
+        self.detach_network(&entry.id).await;
         self.inner
             .store
             .set_state(
@@ -1228,6 +1329,18 @@ impl Manager {
             };
             match reattached {
                 Ok((instance, agent)) => {
+                    if let Some(network) = &self.inner.config.network {
+                        let stored = stored_network(&row);
+                        let recovered = match instance.network_namespace() {
+                            Ok(netns) => network.recover(&row.id, stored, netns).await,
+                            // A sandbox without network on a backend without one.
+                            Err(_) if stored == cove_net::Stored::default() => Ok(()),
+                            Err(err) => Err(cove_net::NetError::Host(err.to_string())),
+                        };
+                        if let Err(err) = recovered {
+                            tracing::warn!(id = %row.id, %err, "the sandbox's network could not be recovered");
+                        }
+                    }
                     let mut view = view_from_row(&row);
                     view.state = state;
                     let entry = Arc::new(Entry {
@@ -1251,6 +1364,9 @@ impl Manager {
                 }
                 Err(reason) => {
                     backend.clean_up(&row.id, record).await;
+                    if let Some(network) = &self.inner.config.network {
+                        network.forget(&row.id).await;
+                    }
                     let (state, reason) = if reason.is_empty() {
                         ("stopped", "deleted".to_string())
                     } else {
@@ -1271,6 +1387,11 @@ impl Manager {
                     backend.clean_up(&id, None).await;
                 }
             }
+        }
+        if let Some(network) = &self.inner.config.network {
+            // Rules and veths of sandboxes that ended while the daemon was
+            // down (the ones recovered above are attached, so kept).
+            network.collect_garbage(&Default::default()).await;
         }
         Ok(())
     }

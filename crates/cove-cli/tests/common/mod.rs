@@ -25,6 +25,8 @@ pub struct Daemon {
     pub url: String,
     pub admin: String,
     pub http: reqwest::blocking::Client,
+    /// More arguments of `cove serve`.
+    pub extra: Vec<String>,
     /// Extra environment of the daemon process (e.g. the microVM backend's).
     pub env: Vec<(String, String)>,
 }
@@ -34,8 +36,18 @@ impl Daemon {
         Daemon::start_with_env(Vec::new())
     }
 
+    /// A daemon with more arguments of `cove serve`.
+    pub fn start_with(extra: &[String]) -> Daemon {
+        Daemon::start_full(extra, Vec::new())
+    }
+
     /// A daemon with `env` added to its environment.
     pub fn start_with_env(env: Vec<(String, String)>) -> Daemon {
+        Daemon::start_full(&[], env)
+    }
+
+    /// A daemon with more arguments and environment.
+    pub fn start_full(extra: &[String], env: Vec<(String, String)>) -> Daemon {
         let dirs = tempfile::tempdir().unwrap();
         let name = dirs
             .path()
@@ -55,6 +67,7 @@ impl Daemon {
                 .timeout(Duration::from_secs(120))
                 .build()
                 .unwrap(),
+            extra: extra.to_vec(),
             env,
         };
         daemon.spawn();
@@ -79,6 +92,7 @@ impl Daemon {
             .arg(self.runtime_dir())
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
+            .args(&self.extra)
             .env("COVE_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

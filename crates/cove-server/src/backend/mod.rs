@@ -58,6 +58,11 @@ pub trait Backend: Send + Sync + 'static {
     /// IDs of sandboxes this backend has state for on the host (to find
     /// orphans the database does not know).
     fn known_ids(&self) -> Vec<String>;
+    /// Whether its sandboxes can have egress and published ports
+    /// ([`Instance::network_namespace`]).
+    fn supports_network(&self) -> bool {
+        false
+    }
     /// Why this backend cannot create sandboxes on this host (what to
     /// install), or `None` when it can. An unavailable backend still
     /// reattaches and cleans up what an earlier run left.
@@ -100,6 +105,13 @@ pub trait Instance: Send + Sync + 'static {
     fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
         Err(BackendError::Invalid(
             "this backend cannot snapshot sandboxes; snapshots need the namespace backend".into(),
+        ))
+    }
+    /// The sandbox's network namespace, for cove-net to wire it (a veth,
+    /// published ports). Backends without one refuse networking.
+    fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
+        Err(BackendError::Invalid(
+            "this backend has no network namespace cove can wire".into(),
         ))
     }
     /// The sandbox's console log (microVMs: the guest's serial console).

@@ -179,6 +179,10 @@ impl Backend for NamespaceBackend {
             .filter(|n| n.starts_with("sbx-"))
             .collect()
     }
+
+    fn supports_network(&self) -> bool {
+        true
+    }
 }
 
 /// Setup errors that are the request's fault become 4xx.
@@ -299,5 +303,17 @@ impl Instance for NamespaceInstance {
                 path.display()
             )))
         }
+    }
+
+    fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
+        // The agent is PID 1 of the sandbox; while it lives, its pidfd pins
+        // the PID, so the path cannot name another process's namespace.
+        if self.with(|s| s.is_alive()) != Some(true) {
+            return Err(BackendError::Failed("the sandbox's agent is gone".into()));
+        }
+        let path = format!("/proc/{}/ns/net", self.record.pid);
+        std::fs::File::open(&path)
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(|e| BackendError::Failed(format!("cannot open {path}: {e}")))
     }
 }

@@ -116,8 +116,41 @@ fn sandbox_json(s: &Sandbox) -> Value {
         },
         "started_at": s.started_at.clone().unwrap_or_else(|| s.created_at.clone()),
         "end_at": s.expires_at,
-        "guest_ip": null,
+        "guest_ip": s.network.address,
         "envd_port": null,
+    })
+}
+
+/// Declaw's `network: {allow_out, deny_out, allow_public_traffic}`: a
+/// sandbox with egress through cove's policy (docs/network.md).
+/// `allow_public_traffic` is about inbound URLs Declaw's cloud makes; it
+/// is accepted and has no effect here.
+fn declaw_network(network: &Value) -> Result<cove_api::NetworkRequest, ApiError> {
+    let Some(object) = network.as_object() else {
+        return Err(ApiError::invalid("network must be an object"));
+    };
+    let list = |field: &str| -> Result<Vec<String>, ApiError> {
+        match object.get(field) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                ApiError::invalid(format!(
+                    "network.{field} must be a list of CIDRs, IP addresses or host names"
+                ))
+            }),
+        }
+    };
+    if let Some(flag) = object.get("allow_public_traffic")
+        && !(flag.is_boolean() || flag.is_null())
+    {
+        return Err(ApiError::invalid(
+            "network.allow_public_traffic must be true or false",
+        ));
+    }
+    Ok(cove_api::NetworkRequest {
+        mode: Some(cove_api::NetworkMode::Egress),
+        allow_out: list("allow_out")?,
+        deny_out: list("deny_out")?,
+        exposed_ports: Vec::new(),
     })
 }
 
@@ -160,14 +193,10 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
                 .get("auto_resume")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            if let Some(network) = body.get("network").filter(|n| !n.is_null()) {
-                // Egress policy is the network feature's: record it, and refuse
-                // a malformed one rather than ignore it silently.
-                if !network.is_object() {
-                    return Err(ApiError::invalid("network must be an object"));
-                }
-                metadata.insert("declaw.network".into(), network.clone());
-            }
+            let network = match body.get("network").filter(|n| !n.is_null()) {
+                None => cove_api::NetworkRequest::default(),
+                Some(network) => declaw_network(network)?,
+            };
             let req = CreateSandboxRequest {
                 template,
                 env: envs,
@@ -176,6 +205,7 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
                 metadata,
                 on_timeout,
                 auto_resume,
+                network,
                 ..CreateSandboxRequest::default()
             };
             let sandbox = state.manager.create(who, req, true).await?;

@@ -127,6 +127,22 @@ fn sandbox_request(m: &Machine) -> CreateSandboxRequest {
             .as_u64()
             .map(|mib| SizeValue(mib << 20)),
         labels,
+        // Published on the host's 127.0.0.1, on ports the kernel picks
+        // (GET /v1/sandboxes/{id} shows them); the machine has no egress.
+        network: cove_api::NetworkRequest {
+            exposed_ports: spec["exposed_ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_u64())
+                .filter_map(|p| u16::try_from(p).ok())
+                .map(|port| cove_api::PortRequest {
+                    port,
+                    host_port: None,
+                })
+                .collect(),
+            ..cove_api::NetworkRequest::default()
+        },
         ..CreateSandboxRequest::default()
     }
 }

@@ -1,0 +1,85 @@
+//! Published ports: a TCP listener on the host's 127.0.0.1 per exposed
+//! port, and a userspace proxy that forwards each connection into the
+//! sandbox.
+//!
+//! The proxy's outgoing socket is created inside the sandbox's network
+//! namespace, so it reaches the port on the sandbox's own loopback: a dev
+//! server that listens on `localhost` only is published too, and it works
+//! for sandboxes without egress (`network: "none"`) as well. It tries
+//! 127.0.0.1, then ::1, then the sandbox's bridge address.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::netns;
+
+/// Bind 127.0.0.1:`host_port` (0: any free port).
+pub async fn bind(host_port: u16) -> io::Result<TcpListener> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, host_port)).await
+}
+
+/// Forward every connection to `listener` into `port` of the sandbox
+/// whose network namespace is `netns`.
+pub fn serve(
+    listener: TcpListener,
+    netns: Arc<OwnedFd>,
+    port: u16,
+    address: Option<Ipv4Addr>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let netns = netns.clone();
+            tokio::spawn(async move {
+                match connect(&netns, port, address).await {
+                    Ok(upstream) => proxy(client, upstream).await,
+                    Err(err) => {
+                        tracing::debug!(port, %err, "published port: nothing answers in the sandbox");
+                    }
+                }
+            });
+        }
+    })
+}
+
+async fn proxy(mut client: TcpStream, mut upstream: TcpStream) {
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// A connection to `port` in the sandbox.
+async fn connect(netns: &OwnedFd, port: u16, address: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    let mut targets: Vec<SocketAddr> = vec![
+        (Ipv4Addr::LOCALHOST, port).into(),
+        (Ipv6Addr::LOCALHOST, port).into(),
+    ];
+    targets.extend(address.map(|a| SocketAddr::from((a, port))));
+    let mut last = io::Error::new(io::ErrorKind::ConnectionRefused, "no address to try");
+    for target in targets {
+        let socket = match netns::tcp_socket(netns, target.is_ipv6()).await {
+            Ok(socket) => socket,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), socket.connect(target)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = io::Error::new(io::ErrorKind::TimedOut, format!("{target}: no answer"));
+            }
+        }
+    }
+    Err(last)
+}
