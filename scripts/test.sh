@@ -12,8 +12,11 @@ fi
 
 # Packages the tests use: busybox-static for the busybox template, python3
 # and procps inside sandboxes, bubblewrap/runc/crun for benchmarks' peers,
-# nftables (egress rules), iproute2 and curl for the network tests.
-packages=(busybox-static python3 procps iproute2 nftables curl bubblewrap runc crun hyperfine tmux)
+# nftables (egress rules), iproute2 and curl for the network tests,
+# docker-registry for a local OCI registry on loopback (template pull tests),
+# debootstrap for the debian template.
+packages=(busybox-static python3 procps iproute2 nftables curl bubblewrap runc crun hyperfine tmux
+  docker-registry debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -49,6 +49,8 @@ pub enum ErrorCode {
     Internal,
     /// The sandbox's agent cannot be reached (502).
     AgentUnreachable,
+    /// An image registry failed or refused (502).
+    RegistryFailed,
     /// The daemon is shutting down or lacks a backend (503).
     Unavailable,
     /// Waiting timed out (504).
@@ -70,7 +72,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::Internal => 500,
-            ErrorCode::AgentUnreachable => 502,
+            ErrorCode::AgentUnreachable | ErrorCode::RegistryFailed => 502,
             ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::InsufficientStorage => 507,
@@ -95,11 +97,12 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
             ErrorCode::InsufficientStorage => "insufficient_storage",
+            ErrorCode::RegistryFailed => "registry_failed",
         }
     }
 
     /// Every code, for metrics and documentation.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -116,6 +119,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
         ErrorCode::InsufficientStorage,
+        ErrorCode::RegistryFailed,
     ];
 }
 

@@ -24,8 +24,8 @@ pub use files::{
 pub use keys::{CreateKeyRequest, KeyCreated, KeyInfo, KeyList, Scope};
 pub use network::{NetworkInfo, NetworkMode, NetworkRequest, PortMapping, PortRequest};
 pub use sandbox::{
-    CreateSandboxRequest, Limits, Sandbox, SandboxList, SandboxState, SetTimeoutRequest,
-    TemplateInfo, TemplateList,
+    CreateSandboxRequest, CreateTemplateRequest, Limits, Sandbox, SandboxList, SandboxState,
+    SetTimeoutRequest, SnapshotRequest, TemplateInfo, TemplateList,
 };
 pub use values::{DurationValue, SizeValue};
 

@@ -203,7 +203,9 @@ pub struct WaitQuery {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TemplateInfo {
     pub name: String,
-    /// `host` or `rootfs`.
+    /// `host`, `rootfs` (a built or imported root filesystem, or a
+    /// snapshot of one) or `image` (an OCI or docker image, or a snapshot
+    /// of one).
     pub kind: String,
     pub source: String,
     pub created_at: Option<String>,
@@ -212,6 +214,52 @@ pub struct TemplateInfo {
     pub user: Option<String>,
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
+    /// Layer digests, topmost first (empty for `host`).
+    #[serde(default)]
+    pub layers: Vec<String>,
+}
+
+/// `POST /v1/templates`: import a template from a path on the daemon's
+/// host (`source`), or pull one from a registry (`reference`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplateRequest {
+    /// Template name; for a pull, derived from the reference by default.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A path on the daemon's host: an OCI image layout directory (or a
+    /// tar of one), a `docker save` archive, or a root filesystem
+    /// directory or tarball.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// An image reference to pull, e.g. `127.0.0.1:5000/team/app:v1`.
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// Talk plain HTTP to the registry.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Accept a registry certificate that does not verify.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Registry credentials (basic); anonymous otherwise.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Per-request registry timeout in seconds (default 30).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Replace an existing template of that name.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Name of the new template.
+    pub name: String,
 }
 
 /// `GET /v1/templates`.

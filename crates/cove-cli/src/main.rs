@@ -132,6 +132,9 @@ enum Command {
     /// Manage templates.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Make a new template of a sandbox's filesystem (the sandbox keeps
+    /// running; memory and processes are not kept).
+    Snapshot { id: String, name: String },
     /// Measure cove's speed side by side with bubblewrap, runc and crun.
     Bench(bench::BenchArgs),
     /// Print shell completions.
@@ -203,6 +206,7 @@ fn main() {
         Command::Resume { ids } => remote::pause(remote, &ids, true),
         Command::Keys(cmd) => remote::keys(remote, cmd),
         Command::Template(cmd) => template::run(cmd),
+        Command::Snapshot { id, name } => remote::snapshot(remote, &id, &name),
         Command::Bench(args) => bench::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cove", &mut std::io::stdout());

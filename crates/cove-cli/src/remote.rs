@@ -368,6 +368,21 @@ pub fn pause(remote: &Remote, ids: &[String], resume: bool) -> Result<ExitCode, 
     Ok(ExitCode(code))
 }
 
+/// `cove snapshot ID NAME`: a new template of a sandbox's filesystem.
+pub fn snapshot(remote: &Remote, id: &str, name: &str) -> Result<ExitCode, Failure> {
+    let client = remote.client();
+    let rt = runtime()?;
+    let info = rt
+        .block_on(client.snapshot_sandbox(id, name))
+        .map_err(fail)?;
+    println!(
+        "{} (snapshot of {id}, {} layers)",
+        info.name,
+        info.layers.len()
+    );
+    Ok(ExitCode(0))
+}
+
 pub fn exec(remote: &Remote, args: ExecArgs) -> Result<ExitCode, Failure> {
     let stdin_is_tty = std::io::stdin().is_terminal();
     let forward_stdin = args.interactive || (!stdin_is_tty && !args.detach);

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// owns the bridge, nftables table and DNS forwarder.
     #[command(flatten)]
     pub network: crate::remote::NetworkArgs,
+    /// Run the template's ENTRYPOINT with CMD as its arguments, as
+    /// `docker run IMAGE [ARGS…]` does: arguments given replace CMD.
+    #[arg(long, conflicts_with = "shell")]
+    pub entrypoint: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -80,12 +84,44 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// What `--entrypoint` runs: ENTRYPOINT, then `args`, or CMD when no
+/// arguments are given.
+pub fn entrypoint_argv(config: &cove_template::ImageConfig, args: &[String]) -> Vec<String> {
+    let mut argv = config.entrypoint.clone();
+    if args.is_empty() {
+        argv.extend(config.cmd.iter().cloned());
+    } else {
+        argv.extend(args.iter().cloned());
+    }
+    argv
+}
+
 /// Where `cove run` keeps its sandboxes' state.
 fn state_root() -> PathBuf {
     paths::default_runtime_dir().join("run")
 }
 
-pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Failure> {
+pub fn run(mut args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Failure> {
+    let store = TemplateStore::new(paths::default_data_dir().join("templates"));
+    if args.entrypoint {
+        let name = args
+            .template
+            .as_deref()
+            .unwrap_or(if args.backend == "microvm" {
+                cove_server::backend::microvm::DEFAULT_VM_TEMPLATE
+            } else {
+                cove_template::DEFAULT_TEMPLATE
+            });
+        let template = store.get(name).map_err(|e| Failure::new(e.to_string()))?;
+        let argv = entrypoint_argv(&template.meta.config, &args.command);
+        if argv.is_empty() {
+            return Err(Failure::usage(format!(
+                "template {name} has no ENTRYPOINT or CMD; give a command"
+            )));
+        }
+        args.command = argv;
+        args.entrypoint = false;
+    }
     if !args.network.is_empty() {
         return run_through_daemon(args, remote);
     }
@@ -94,7 +130,8 @@ pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Fa
         (None, false) => CommandLine::Argv(args.command.clone()),
         (None, true) => {
             return Err(Failure::usage(
-                "nothing to run: give a command after `--`, or --shell 'SCRIPT'",
+                "nothing to run: give a command after `--`, --shell 'SCRIPT', \
+                 or --entrypoint (the template's ENTRYPOINT and CMD)",
             ));
         }
     };
@@ -113,7 +150,6 @@ pub fn run(args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode, Fa
         pids: args.pids,
     };
     engine::validate_limits(&limits).map_err(Failure::new)?;
-    let store = TemplateStore::new(paths::default_data_dir().join("templates"));
     let template = store
         .get(
             args.template

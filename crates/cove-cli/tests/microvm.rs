@@ -410,6 +410,26 @@ fn exec_suite(backend: &str) {
         );
     }
 
+    // Snapshots: the namespace backend makes a template of the sandbox;
+    // a microVM answers a clear 400.
+    let (s, body) = d.call(
+        "POST",
+        &path(&id, "/snapshot"),
+        Some(json!({"name": "suite-snap"})),
+    );
+    if backend == VM {
+        assert_eq!(s, 400, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("namespace backend"),
+            "{body}"
+        );
+    } else {
+        assert_eq!(s, 201, "{body}");
+    }
+
     // The TTL is enforced by the daemon, even on a paused sandbox, and
     // leaves nothing behind.
     let (s, _) = d.call("POST", &path(&id, "/pause"), None);

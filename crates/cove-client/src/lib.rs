@@ -275,6 +275,41 @@ impl Client {
         self.json(Method::GET, "/v1/templates", None::<&()>).await
     }
 
+    /// One template.
+    pub async fn template(&self, name: &str) -> Result<cove_api::TemplateInfo, Error> {
+        self.json(Method::GET, &format!("/v1/templates/{name}"), None::<&()>)
+            .await
+    }
+
+    /// Import (`source`: a path on the daemon's host) or pull
+    /// (`reference`) a template; needs an admin key.
+    pub async fn create_template(
+        &self,
+        req: &cove_api::CreateTemplateRequest,
+    ) -> Result<cove_api::TemplateInfo, Error> {
+        self.json(Method::POST, "/v1/templates", Some(req)).await
+    }
+
+    /// Remove a template; needs an admin key.
+    pub async fn delete_template(&self, name: &str) -> Result<(), Error> {
+        self.empty(Method::DELETE, &format!("/v1/templates/{name}"))
+            .await
+    }
+
+    /// Make template `name` of sandbox `id`'s filesystem.
+    pub async fn snapshot_sandbox(
+        &self,
+        id: &str,
+        name: &str,
+    ) -> Result<cove_api::TemplateInfo, Error> {
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            Some(&cove_api::SnapshotRequest { name: name.into() }),
+        )
+        .await
+    }
+
     /// The daemon's backends and whether each can create sandboxes here.
     pub async fn backends(&self) -> Result<cove_api::BackendList, Error> {
         self.json(Method::GET, "/v1/backends", None::<&()>).await

@@ -242,6 +242,11 @@ impl Sandbox {
         self.client.pause_sandbox(&self.info.id).await.map(|_| ())
     }
 
+    /// Make a new template of this sandbox's filesystem (it keeps running).
+    pub async fn snapshot(&self, name: &str) -> Result<cove_api::TemplateInfo, Error> {
+        self.client.snapshot_sandbox(&self.info.id, name).await
+    }
+
     /// Thaw the sandbox.
     pub async fn resume(&self) -> Result<(), Error> {
         self.client.resume_sandbox(&self.info.id).await.map(|_| ())

@@ -434,7 +434,9 @@ fn setup(
         None => None,
     };
 
+    rootfs::hold_locks(&config.rootfs.locks, keep)?;
     rootfs::enter(&config.rootfs, &config.state_dir.join("scratch"))?;
+    keep.push(rootfs::UPPER_FD);
     nix::unistd::sethostname(&config.id)
         .map_err(|e| SetupError::Other(format!("sethostname: {e}")))?;
     network::loopback_up()?;

@@ -16,6 +16,7 @@
 //! sandbox cannot leak a mount on the host.
 
 use std::fs;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
@@ -47,6 +48,11 @@ pub struct RootfsSpec {
     pub disk_bytes: u64,
     /// Files generated for this sandbox: (path inside the sandbox, contents).
     pub files: Vec<(String, Vec<u8>)>,
+    /// Host files and directories the agent holds a shared `flock` on for
+    /// as long as it runs (its template's metadata and layers), so that
+    /// they are not removed from under it.
+    #[serde(default)]
+    pub locks: Vec<PathBuf>,
 }
 
 /// Paths under /proc that are hidden (as Docker does).
@@ -126,8 +132,22 @@ fn overlay_path(path: &Path) -> Result<String, SetupError> {
     Ok(s.into_owned())
 }
 
+/// The descriptor number at which the agent keeps its writable layer's
+/// directory open (`O_PATH`, close-on-exec: the agent's children do not
+/// get it). The layer lives on a tmpfs that is mounted only in the
+/// sandbox's mount namespace and detached from its root, so this is the
+/// host's one way to it: `/proc/<agent pid>/fd/<UPPER_FD>` (see
+/// [`upper_dir`]), which snapshots read.
+pub const UPPER_FD: RawFd = 1021;
+
+/// The host path of a running sandbox's writable overlay layer.
+pub fn upper_dir(agent_pid: i32) -> PathBuf {
+    PathBuf::from(format!("/proc/{agent_pid}/fd/{UPPER_FD}"))
+}
+
 /// Build the root under `scratch` and pivot into it. Runs in the sandbox's
-/// first process, in its new mount namespace, before any capability is dropped.
+/// first process, in its new mount namespace, before any capability is
+/// dropped. Leaves the writable layer's directory open at [`UPPER_FD`].
 pub fn enter(spec: &RootfsSpec, scratch: &Path) -> Result<(), SetupError> {
     let none: Option<&str> = None;
     // Nothing we mount may propagate back to the host.
@@ -175,6 +195,7 @@ pub fn enter(spec: &RootfsSpec, scratch: &Path) -> Result<(), SetupError> {
         Some(options.as_str()),
     )
     .map_err(err("mount the overlay on", &root))?;
+    keep_upper_open(&upper)?;
 
     for bind in &spec.binds {
         let target = inside(&root, &bind.target)?;
@@ -253,6 +274,49 @@ pub fn enter(spec: &RootfsSpec, scratch: &Path) -> Result<(), SetupError> {
     }
 
     pivot(&root)
+}
+
+/// Take a shared `flock` on each of `paths`; the descriptors stay open
+/// (close-on-exec) in the agent, which holds them until it exits.
+pub fn hold_locks(paths: &[PathBuf], keep: &mut Vec<RawFd>) -> Result<(), SetupError> {
+    for path in paths {
+        let fd = nix::fcntl::open(
+            path.as_path(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err("open", path))?;
+        // SAFETY: flock on a descriptor this process owns.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_SH) } < 0 {
+            return Err(SetupError::Other(format!(
+                "lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            )));
+        }
+        keep.push(std::os::fd::IntoRawFd::into_raw_fd(fd));
+    }
+    Ok(())
+}
+
+fn keep_upper_open(upper: &Path) -> Result<(), SetupError> {
+    let fd = nix::fcntl::open(
+        upper,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err("open", upper))?;
+    // SAFETY: dup3 onto a fixed number this process does not otherwise
+    // use; the original descriptor is closed right after.
+    let placed = unsafe { libc::dup3(fd.as_raw_fd(), UPPER_FD, libc::O_CLOEXEC) };
+    if placed < 0 {
+        return Err(SetupError::Other(format!(
+            "keep {} open: {}",
+            upper.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }
 
 fn mount_proc(root: &Path) -> Result<(), SetupError> {

@@ -113,6 +113,7 @@ pub fn sandbox_config(
         id: id.to_string(),
         rootfs: RootfsSpec {
             layers: template.layers.clone(),
+            locks: template.locks.clone(),
             binds: template.binds.clone(),
             masks: template.masks.clone(),
             disk_bytes: options.disk.unwrap_or(DEFAULT_DISK),

@@ -21,11 +21,11 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use cove_api::{
-    CreateSandboxRequest, ErrorCode, Limits as ApiLimits, Sandbox, SandboxList, SandboxState,
-    TemplateInfo,
+    CreateSandboxRequest, CreateTemplateRequest, ErrorCode, Limits as ApiLimits, Sandbox,
+    SandboxList, SandboxState, TemplateInfo,
 };
 use cove_protocol::client::AgentClient;
-use cove_template::TemplateStore;
+use cove_template::{Template, TemplateError, TemplateStore};
 use tokio::sync::{Notify, watch};
 
 use crate::auth::Principal;
@@ -171,6 +171,10 @@ struct StoredSpec {
     /// The sandbox's network (address, policy, published ports).
     #[serde(default)]
     network: cove_net::Stored,
+    /// The template's layers when the sandbox was created, topmost first
+    /// (what a snapshot stacks on, even if the template is replaced).
+    #[serde(default)]
+    layers: Vec<cove_template::Digest>,
 }
 
 /// A network error as the API shows it.
@@ -570,6 +574,7 @@ impl Manager {
                 .as_ref()
                 .map(|p| p.stored().clone())
                 .unwrap_or_default(),
+            layers: template.meta.layers.clone(),
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
         let row = SandboxRow {
@@ -1068,23 +1073,143 @@ impl Manager {
         self.inner
             .templates
             .list()
-            .into_iter()
-            .map(|t| TemplateInfo {
-                name: t.meta.name.clone(),
-                kind: match t.meta.kind {
-                    cove_template::TemplateKind::Host => "host".into(),
-                    cove_template::TemplateKind::Rootfs => "rootfs".into(),
-                },
-                source: t.meta.source.clone(),
-                created_at: (t.meta.created > 0)
-                    .then(|| cove_api::rfc3339_millis(t.meta.created * 1000)),
-                env: t.meta.config.env.iter().cloned().collect(),
-                working_dir: t.meta.config.working_dir.clone(),
-                user: t.meta.config.user.clone(),
-                entrypoint: t.meta.config.entrypoint.clone(),
-                cmd: t.meta.config.cmd.clone(),
-            })
+            .iter()
+            .map(template_info)
             .collect()
+    }
+
+    /// One template as the API shows it.
+    pub async fn template(&self, name: &str) -> Result<TemplateInfo, ApiError> {
+        let templates = self.inner.templates.clone();
+        let name = name.to_string();
+        blocking(move || templates.get(&name))
+            .await?
+            .map(|t| template_info(&t))
+            .map_err(template_error)
+    }
+
+    /// Remove a template (refused while a sandbox uses it).
+    pub async fn delete_template(&self, name: &str) -> Result<(), ApiError> {
+        let templates = self.inner.templates.clone();
+        let name = name.to_string();
+        blocking(move || templates.remove(&name))
+            .await?
+            .map_err(template_error)
+    }
+
+    /// Import or pull a template.
+    pub async fn create_template(
+        &self,
+        req: CreateTemplateRequest,
+    ) -> Result<TemplateInfo, ApiError> {
+        let templates = self.inner.templates.clone();
+        let template = match (req.source, req.reference) {
+            (Some(source), None) => {
+                let name = req.name.ok_or_else(|| {
+                    ApiError::invalid("an import needs a `name` for the new template")
+                })?;
+                let options = cove_template::ImportOptions {
+                    replace: req.replace,
+                };
+                blocking(move || {
+                    templates.import(
+                        &name,
+                        std::path::Path::new(&source),
+                        &options,
+                        &cove_template::Quiet,
+                    )
+                })
+                .await?
+            }
+            (None, Some(reference)) => {
+                let options = cove_template::PullOptions {
+                    name: req.name,
+                    plain_http: req.plain_http,
+                    insecure: req.insecure,
+                    username: req.username,
+                    password: req.password,
+                    timeout: Duration::from_secs(req.timeout.unwrap_or(30).clamp(1, 3600)),
+                    replace: req.replace,
+                };
+                templates
+                    .pull(&reference, &options, Arc::new(cove_template::Quiet))
+                    .await
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "give exactly one of `source` (a path on the daemon's host) \
+                     and `reference` (an image to pull)",
+                ));
+            }
+        };
+        template.map(|t| template_info(&t)).map_err(template_error)
+    }
+
+    /// Make template `name` of sandbox `id`'s filesystem: its writable
+    /// layer over its template's layers. A running sandbox is frozen for
+    /// the copy only.
+    pub async fn snapshot(
+        &self,
+        who: &Principal,
+        id: &str,
+        name: &str,
+    ) -> Result<TemplateInfo, ApiError> {
+        let entry = self.entry(who, id).await?;
+        let templates = self.inner.templates.clone();
+        templates.check_new(name, false).map_err(template_error)?;
+        let row = self
+            .inner
+            .store
+            .get_sandbox(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let stored: Option<StoredSpec> = serde_json::from_str(&row.spec).ok();
+        let template_name = row.template.clone();
+        let lookup = templates.clone();
+        let current = blocking(move || lookup.get(&template_name)).await?;
+        let (kind, config, layers) = match (&current, stored) {
+            (Ok(t), Some(spec)) if !spec.layers.is_empty() || t.meta.layers.is_empty() => {
+                (t.meta.kind, t.meta.config.clone(), spec.layers)
+            }
+            (Ok(t), _) => (t.meta.kind, t.meta.config.clone(), t.meta.layers.clone()),
+            (Err(e), _) => {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("cannot snapshot {id}: its template {}: {e}", row.template),
+                ));
+            }
+        };
+
+        let _op = entry.op.lock().await;
+        let state = entry.state();
+        if !matches!(state, SandboxState::Running | SandboxState::Paused) {
+            return Err(state_error(id, state));
+        }
+        let instance = entry
+            .instance()
+            .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
+        let upper = instance.writable_layer().map_err(backend_error)?;
+        let freeze = state == SandboxState::Running;
+        if freeze {
+            instance.pause().await.map_err(backend_error)?;
+        }
+        let copier = templates.clone();
+        let staged = blocking(move || copier.stage_snapshot(&upper)).await;
+        if freeze {
+            instance.resume().await.map_err(backend_error)?;
+        }
+        let staged = staged?.map_err(template_error)?;
+        let source = cove_template::SnapshotSource {
+            kind,
+            layers,
+            config,
+            description: format!("snapshot of {id} ({})", row.template),
+        };
+        let name = name.to_string();
+        let template = blocking(move || templates.finish_snapshot(staged, &name, source))
+            .await?
+            .map_err(template_error)?;
+        Ok(template_info(&template))
     }
 
     /// Destroy sandboxes whose time is up; forget long-ended ones.
@@ -1312,6 +1437,48 @@ pub fn validate_id(id: &str) -> Result<(), ApiError> {
             ),
         ))
     }
+}
+
+/// Run blocking template-store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn template_info(t: &Template) -> TemplateInfo {
+    TemplateInfo {
+        name: t.meta.name.clone(),
+        kind: t.meta.kind.as_str().into(),
+        source: t.meta.source.clone(),
+        created_at: (t.meta.created > 0).then(|| cove_api::rfc3339_millis(t.meta.created * 1000)),
+        env: t.meta.config.env.iter().cloned().collect(),
+        working_dir: t.meta.config.working_dir.clone(),
+        user: t.meta.config.user.clone(),
+        entrypoint: t.meta.config.entrypoint.clone(),
+        cmd: t.meta.config.cmd.clone(),
+        layers: t.meta.layers.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+/// A template store error as the API answers it.
+fn template_error(err: TemplateError) -> ApiError {
+    let code = match &err {
+        TemplateError::Unknown { .. } => ErrorCode::NotFound,
+        TemplateError::BadName(_) | TemplateError::Image(_) | TemplateError::BuiltIn(_) => {
+            ErrorCode::InvalidRequest
+        }
+        TemplateError::Exists(_) | TemplateError::InUse(_) => ErrorCode::Conflict,
+        TemplateError::Registry(_) => ErrorCode::RegistryFailed,
+        TemplateError::RegistryTimeout(_) => ErrorCode::Timeout,
+        TemplateError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            ErrorCode::InsufficientStorage
+        }
+        _ => ErrorCode::Internal,
+    };
+    ApiError::new(code, err.to_string())
 }
 
 fn no_console(id: &str, backend: &str) -> ApiError {

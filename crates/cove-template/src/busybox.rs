@@ -6,9 +6,10 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::process::Command;
 
+use crate::layers::LayerInfo;
 use crate::{
-    ImageConfig, Progress, Template, TemplateError, TemplateKind, TemplateMeta, TemplateStore,
-    create_standard_dirs, io_err, now,
+    ImageConfig, Progress, Template, TemplateError, TemplateKind, TemplateStore,
+    create_standard_dirs, io_err, now, tree,
 };
 
 /// Where Debian's busybox-static installs its binary.
@@ -88,65 +89,70 @@ pub(crate) fn build(
         })
         .unwrap_or_else(|| "busybox".into());
 
-    let staging = store.staging("busybox")?;
-    let result = (|| {
-        let rootfs = staging.join("rootfs");
-        create_standard_dirs(&rootfs)?;
-        for dir in ["bin", "sbin", "usr/bin", "usr/sbin"] {
-            let path = rootfs.join(dir);
-            fs::create_dir_all(&path).map_err(io_err("create", &path))?;
-        }
-        let total = applets.len() as u64 + 2;
-        progress(0, total, "copying busybox");
-        let target = rootfs.join("bin/busybox");
-        fs::write(&target, &binary).map_err(io_err("write", &target))?;
-        fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
-            .map_err(io_err("chmod", &target))?;
-        progress(1, total, "linking applets");
-        for (i, applet) in applets.iter().enumerate() {
-            let link = rootfs.join(applet);
-            if link.exists() || link.symlink_metadata().is_ok() {
-                continue;
-            }
-            if let Some(parent) = link.parent() {
-                fs::create_dir_all(parent).map_err(io_err("create", parent))?;
-            }
-            symlink("/bin/busybox", &link).map_err(io_err("symlink", &link))?;
-            progress(i as u64 + 2, total, applet);
-        }
-        for (name, contents) in [
-            ("etc/passwd", PASSWD),
-            ("etc/group", GROUP),
-            ("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
-            ("etc/hostname", "localhost\n"),
-            ("etc/resolv.conf", ""),
-        ] {
-            let path = rootfs.join(name);
-            fs::write(&path, contents).map_err(io_err("write", &path))?;
-        }
-        let home = rootfs.join("home/user");
-        std::os::unix::fs::chown(&home, Some(1000), Some(1000)).map_err(io_err("chown", &home))?;
-        progress(total, total, "done");
-        let meta = TemplateMeta {
-            name: "busybox".into(),
-            kind: TemplateKind::Rootfs,
-            source: format!("{} ({})", busybox.display(), version.trim()),
-            created: now(),
-            config: ImageConfig {
-                env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
-                working_dir: Some("/workspace".into()),
-                user: None,
-                entrypoint: Vec::new(),
-                cmd: vec!["/bin/sh".into()],
-            },
-        };
-        store.install(&staging, &meta)?;
-        store.get("busybox")
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&staging);
+    let _busy = store.importing()?;
+    let layers = store.layers();
+    let staging = layers.stage()?;
+    let rootfs = staging.fs();
+    create_standard_dirs(&rootfs)?;
+    for dir in ["bin", "sbin", "usr/bin", "usr/sbin"] {
+        let path = rootfs.join(dir);
+        fs::create_dir_all(&path).map_err(io_err("create", &path))?;
     }
-    result
+    let total = applets.len() as u64 + 2;
+    progress(0, total, "copying busybox");
+    let target = rootfs.join("bin/busybox");
+    fs::write(&target, &binary).map_err(io_err("write", &target))?;
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
+        .map_err(io_err("chmod", &target))?;
+    progress(1, total, "linking applets");
+    for (i, applet) in applets.iter().enumerate() {
+        let link = rootfs.join(applet);
+        if link.exists() || link.symlink_metadata().is_ok() {
+            continue;
+        }
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        }
+        symlink("/bin/busybox", &link).map_err(io_err("symlink", &link))?;
+        progress(i as u64 + 2, total, applet);
+    }
+    for (name, contents) in [
+        ("etc/passwd", PASSWD),
+        ("etc/group", GROUP),
+        ("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
+        ("etc/hostname", "localhost\n"),
+        ("etc/resolv.conf", ""),
+    ] {
+        let path = rootfs.join(name);
+        fs::write(&path, contents).map_err(io_err("write", &path))?;
+    }
+    let home = rootfs.join("home/user");
+    std::os::unix::fs::chown(&home, Some(1000), Some(1000)).map_err(io_err("chown", &home))?;
+    let source = format!("{} ({})", busybox.display(), version.trim());
+    let summary = tree::tree_digest(&rootfs).map_err(io_err("read", &rootfs))?;
+    let digest = summary.digest;
+    let info = LayerInfo {
+        bytes: summary.bytes,
+        entries: summary.entries,
+        source: source.clone(),
+        created: now(),
+    };
+    staging.commit(&layers, &digest, &info)?;
+    progress(total, total, "done");
+    store.install_layers(
+        "busybox",
+        TemplateKind::Rootfs,
+        source,
+        ImageConfig {
+            env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
+            working_dir: Some("/workspace".into()),
+            user: None,
+            entrypoint: Vec::new(),
+            cmd: vec!["/bin/sh".into()],
+        },
+        vec![digest],
+        true,
+    )
 }
 
 #[cfg(test)]

@@ -4,15 +4,35 @@
 //!  <data>/templates/
 //!    host/      built in: a skeleton root; the host's /usr and /etc are bound in read-only
 //!    busybox/   `cove template build busybox`, from Debian's busybox-static
-//!      template.json   name, kind, image config (env, workdir, user, entrypoint, cmd)
-//!      rootfs/         the root filesystem, shared read-only by every sandbox
+//!      template.json   name, kind, image config (env, workdir, user, entrypoint, cmd),
+//!                      and its layers (digests, topmost first)
+//!      rootfs -> ../layers/sha256/<hex>/fs   (single-layer templates, for the microVM backend)
+//!    python/    `cove template import` / `pull`: an image, one layer per image layer
+//!    layers/    every layer once, by digest (see `layers.rs`), shared by templates
+//!    .lock      imports hold it shared; garbage collection takes it exclusively
 //! ```
 //!
-//! A template directory appears atomically: builds happen in a temporary
-//! sibling that is renamed into place, so an interrupted build leaves no
-//! half-built template behind.
+//! A sandbox's root is an overlay whose lower directories are its
+//! template's layers. A template directory and each layer appear
+//! atomically (built in a temporary sibling, then renamed into place), so
+//! an interrupted build leaves nothing half-built behind.
+//!
+//! In use: a sandbox holds a shared `flock` on its template's
+//! `template.json` and on each of its layer directories for as long as it
+//! runs (the lock lives in its agent), so `remove` refuses a template that
+//! a running sandbox stands on — whoever started it (`cove serve` or
+//! `cove run`) — and garbage collection never deletes a layer in use.
 
 mod busybox;
+mod debian;
+mod extract;
+mod fsutil;
+mod image;
+mod import;
+pub mod layers;
+mod pull;
+mod snapshot;
+mod tree;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
@@ -22,6 +42,11 @@ use cove_isolate::Bind;
 use serde::{Deserialize, Serialize};
 
 pub use busybox::BUSYBOX_PATH;
+pub use debian::DebianOptions;
+pub use import::ImportOptions;
+pub use layers::{Digest, LayerInfo, LayerStore};
+pub use pull::{PullOptions, default_name_for};
+pub use snapshot::{SnapshotSource, StagedSnapshot};
 
 /// The template every sandbox gets when none is named.
 pub const DEFAULT_TEMPLATE: &str = "host";
@@ -57,8 +82,28 @@ const HOST_SECRETS: &[&str] = &[
 pub enum TemplateError {
     #[error("unknown template {name:?}; available: {available}")]
     Unknown { name: String, available: String },
-    #[error("template name {0:?} must be 1-64 lowercase letters, digits, '-', '_' or '.'")]
+    #[error(
+        "template name {0:?} must be 1-64 lowercase letters, digits, '-', '_' or '.' \
+         (and not `layers`)"
+    )]
     BadName(String),
+    #[error(
+        "template {0:?} already exists; remove it first (cove template rm {0}) or ask to replace it"
+    )]
+    Exists(String),
+    #[error(
+        "template {0:?} is in use by a running sandbox; delete the sandboxes started from it first"
+    )]
+    InUse(String),
+    /// The image or source is unusable: corrupt, truncated, malicious, unsupported.
+    #[error("{0}")]
+    Image(String),
+    /// The registry failed or refused.
+    #[error("{0}")]
+    Registry(String),
+    /// The registry did not answer in time.
+    #[error("{0}")]
+    RegistryTimeout(String),
     #[error("cannot {action} {}: {source}", path.display())]
     Io {
         action: &'static str,
@@ -105,9 +150,38 @@ pub struct ImageConfig {
 pub enum TemplateKind {
     /// A skeleton root plus the host's /usr and /etc, read-only.
     Host,
-    /// A self-contained root filesystem directory.
+    /// A self-contained root filesystem (built, or imported from a
+    /// directory or tarball).
     Rootfs,
+    /// A container image (OCI layout, docker archive, registry).
+    Image,
 }
+
+impl TemplateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateKind::Host => "host",
+            TemplateKind::Rootfs => "rootfs",
+            TemplateKind::Image => "image",
+        }
+    }
+}
+
+/// What long operations report, for progress bars. Called from any thread.
+pub trait Observer: Send + Sync {
+    /// Progress of one layer: `phase` is `download`, `extract`, `copy`,
+    /// `digest`, `verify`, `exists` (already stored) or `done`; `total` is
+    /// 0 when unknown.
+    fn layer(&self, _layer: &str, _phase: &str, _done: u64, _total: u64) {}
+    /// A step without a size.
+    fn step(&self, _message: &str) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quiet;
+
+impl Observer for Quiet {}
 
 /// The metadata file of a template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +194,11 @@ pub struct TemplateMeta {
     pub created: u64,
     #[serde(default)]
     pub config: ImageConfig,
+    /// Layers in the layer store, topmost first. Empty for the host
+    /// template and for templates built before layers existed (their
+    /// `rootfs/` directory is the only layer).
+    #[serde(default)]
+    pub layers: Vec<Digest>,
 }
 
 /// A template ready to be used.
@@ -134,6 +213,10 @@ pub struct Template {
     pub binds: Vec<Bind>,
     /// Sandbox paths hidden from it.
     pub masks: Vec<String>,
+    /// Files a sandbox holds a shared lock on while it runs (its
+    /// template.json and its layer directories), so that neither is
+    /// removed from under it.
+    pub locks: Vec<PathBuf>,
 }
 
 impl Template {
@@ -155,6 +238,7 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
+        && name != "layers"
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
@@ -228,20 +312,57 @@ impl TemplateStore {
                 name: name.into(),
                 reason: e.to_string(),
             })?;
-        let rootfs = dir.join("rootfs");
-        if !rootfs.is_dir() {
-            return Err(TemplateError::Damaged {
-                name: name.into(),
-                reason: "rootfs/ is missing".into(),
-            });
+        self.resolve(meta, dir)
+    }
+
+    /// The layer store of this template store.
+    pub fn layers(&self) -> LayerStore {
+        LayerStore::new(self.root.join("layers"))
+    }
+
+    /// A template's directories and locks, from its metadata.
+    fn resolve(&self, meta: TemplateMeta, dir: PathBuf) -> Result<Template, TemplateError> {
+        let store = self.layers();
+        let mut layers = Vec::new();
+        let mut locks = vec![dir.join("template.json")];
+        for digest in &meta.layers {
+            let fs_dir = store.fs(digest);
+            if !fs_dir.is_dir() {
+                return Err(TemplateError::Damaged {
+                    name: meta.name.clone(),
+                    reason: format!(
+                        "its layer {digest} is missing from {}",
+                        store.root().display()
+                    ),
+                });
+            }
+            layers.push(fs_dir);
+            locks.push(store.dir(digest));
         }
-        Ok(Template {
+        let mut template = Template {
             meta,
             dir,
-            layers: vec![rootfs],
+            layers,
             binds: Vec::new(),
             masks: Vec::new(),
-        })
+            locks,
+        };
+        if template.meta.kind == TemplateKind::Host {
+            let host = self.host()?;
+            template.layers.extend(host.layers);
+            template.binds = host.binds;
+            template.masks = host.masks;
+        } else if template.meta.layers.is_empty() {
+            let rootfs = template.dir.join("rootfs");
+            if !rootfs.is_dir() {
+                return Err(TemplateError::Damaged {
+                    name: template.meta.name.clone(),
+                    reason: "it has neither layers nor a rootfs/ directory".into(),
+                });
+            }
+            template.layers.push(rootfs);
+        }
+        Ok(template)
     }
 
     /// Names of the templates present on disk (the host template is listed
@@ -266,18 +387,132 @@ impl TemplateStore {
         names.iter().filter_map(|n| self.get(n).ok()).collect()
     }
 
-    /// Remove a template. Sandboxes still running from it keep their view
-    /// (the overlay holds the directories open).
+    /// Remove a template, unless a running sandbox uses it; then remove
+    /// the layers no other template uses.
     pub fn remove(&self, name: &str) -> Result<(), TemplateError> {
         if name == DEFAULT_TEMPLATE {
             return Err(TemplateError::BuiltIn(name.into()));
         }
         let template = self.get(name)?;
+        let meta_path = template.dir.join("template.json");
+        let meta_file = fs::File::open(&meta_path).map_err(io_err("open", &meta_path))?;
+        match meta_file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(TemplateError::InUse(name.into())),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &meta_path)(e)),
+        }
         let trash = self
             .root
             .join(format!(".trash-{name}-{}", std::process::id()));
         fs::rename(&template.dir, &trash).map_err(io_err("remove", &template.dir))?;
-        fs::remove_dir_all(&trash).map_err(io_err("remove", &trash))
+        let removed = fs::remove_dir_all(&trash).map_err(io_err("remove", &trash));
+        drop(meta_file);
+        removed?;
+        self.collect_garbage();
+        Ok(())
+    }
+
+    /// Remove layers no template references and no sandbox uses. Skipped
+    /// (left for next time) while an import is running.
+    pub fn collect_garbage(&self) -> Vec<Digest> {
+        let Ok(lock) = self.lock_file() else {
+            return Vec::new();
+        };
+        if lock.try_lock().is_err() {
+            return Vec::new();
+        }
+        let mut referenced = std::collections::HashSet::new();
+        for entry in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            // Templates being built or replaced count too.
+            let Ok(text) = fs::read_to_string(entry.path().join("template.json")) else {
+                continue;
+            };
+            match serde_json::from_str::<TemplateMeta>(&text) {
+                Ok(meta) => referenced.extend(meta.layers),
+                // Unreadable metadata: keep everything rather than guess.
+                Err(_) => return Vec::new(),
+            }
+        }
+        self.layers().collect_garbage(&referenced)
+    }
+
+    fn lock_file(&self) -> Result<fs::File, TemplateError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&self.root)
+            .map_err(io_err("create", &self.root))?;
+        let path = self.root.join(".lock");
+        fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))
+    }
+
+    /// Held (shared) while layers are written and until their template
+    /// exists, so that garbage collection leaves them alone.
+    pub(crate) fn importing(&self) -> Result<fs::File, TemplateError> {
+        let lock = self.lock_file()?;
+        lock.lock_shared()
+            .map_err(io_err("lock", &self.root.join(".lock")))?;
+        Ok(lock)
+    }
+
+    /// Refuse early what `install_layers` would refuse at the end.
+    pub fn check_new(&self, name: &str, replace: bool) -> Result<(), TemplateError> {
+        if !valid_name(name) {
+            return Err(TemplateError::BadName(name.into()));
+        }
+        if name == DEFAULT_TEMPLATE {
+            return Err(TemplateError::BuiltIn(name.into()));
+        }
+        if !replace && self.dir(name).join("template.json").is_file() {
+            return Err(TemplateError::Exists(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Create template `name` from stored layers (topmost first).
+    pub fn install_layers(
+        &self,
+        name: &str,
+        kind: TemplateKind,
+        source: String,
+        config: ImageConfig,
+        layers: Vec<Digest>,
+        replace: bool,
+    ) -> Result<Template, TemplateError> {
+        self.check_new(name, replace)?;
+        let staging = self.staging(name)?;
+        let result = (|| {
+            if let [only] = layers.as_slice()
+                && kind != TemplateKind::Host
+            {
+                // The microVM backend reads a template's rootfs/.
+                let link = staging.join("rootfs");
+                symlink(format!("../layers/sha256/{}/fs", only.hex()), &link)
+                    .map_err(io_err("symlink", &link))?;
+            }
+            let meta = TemplateMeta {
+                name: name.into(),
+                kind,
+                source,
+                created: now(),
+                config,
+                layers,
+            };
+            if !replace && self.dir(name).join("template.json").is_file() {
+                return Err(TemplateError::Exists(name.into()));
+            }
+            self.install(&staging, &meta)?;
+            self.get(name)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        result
     }
 
     /// Move a finished build from `staging` into place as `name`.
@@ -339,6 +574,7 @@ impl TemplateStore {
                 working_dir: Some("/workspace".into()),
                 ..ImageConfig::default()
             },
+            layers: Vec::new(),
         };
         let marker = dir.join("template.json");
         // One builder at a time in this process; other processes are
@@ -404,6 +640,7 @@ impl TemplateStore {
             layers: vec![rootfs],
             binds,
             masks,
+            locks: Vec::new(),
         })
     }
 }

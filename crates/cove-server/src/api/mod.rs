@@ -10,6 +10,7 @@ mod keys;
 pub(crate) mod processes;
 mod sandboxes;
 mod system;
+mod templates;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,7 +91,11 @@ pub const MAX_BODY: usize = 64 << 20;
         keys::create,
         keys::list,
         keys::revoke,
-        system::templates,
+        templates::list,
+        templates::get,
+        templates::create,
+        templates::delete,
+        templates::snapshot,
         backends::list,
         backends::console,
         system::healthz,
@@ -103,7 +108,8 @@ pub const MAX_BODY: usize = 64 << 20;
         (name = "exec", description = "Run commands in sandboxes"),
         (name = "files", description = "Files in sandboxes: transfer, list, watch"),
         (name = "keys", description = "API keys (admin)"),
-        (name = "system", description = "Health, metrics and templates"),
+        (name = "templates", description = "Templates: images, root filesystems, snapshots"),
+        (name = "system", description = "Health and metrics"),
     )
 )]
 #[derive(Debug)]
@@ -249,7 +255,15 @@ pub fn native_routes() -> Router<AppState> {
         .route("/v1/sandboxes/{id}/fs/watch", get(files::watch))
         .route("/v1/keys", post(keys::create).get(keys::list))
         .route("/v1/keys/{id}", delete(keys::revoke))
-        .route("/v1/templates", get(system::templates))
+        .route(
+            "/v1/templates",
+            get(templates::list).post(templates::create),
+        )
+        .route(
+            "/v1/templates/{name}",
+            get(templates::get).delete(templates::delete),
+        )
+        .route("/v1/sandboxes/{id}/snapshot", post(templates::snapshot))
         .route("/v1/backends", get(backends::list))
         .route("/v1/sandboxes/{id}/console", get(backends::console))
         .route("/healthz", get(system::healthz))

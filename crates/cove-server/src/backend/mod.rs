@@ -107,6 +107,13 @@ pub trait Instance: Send + Sync + 'static {
             "this backend has no network namespace cove can wire".into(),
         ))
     }
+    /// The host path of the sandbox's writable overlay layer (what a
+    /// snapshot copies), while it runs.
+    fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
+        Err(BackendError::Invalid(
+            "this backend cannot snapshot sandboxes; snapshots need the namespace backend".into(),
+        ))
+    }
     /// The sandbox's console log (microVMs: the guest's serial console).
     fn console_log(&self) -> Option<PathBuf> {
         None

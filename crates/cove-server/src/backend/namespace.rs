@@ -302,4 +302,18 @@ impl Instance for NamespaceInstance {
             .map(std::os::fd::OwnedFd::from)
             .map_err(|e| BackendError::Failed(format!("cannot open {path}: {e}")))
     }
+
+    fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
+        let path = cove_isolate::rootfs::upper_dir(self.record.pid);
+        if path.is_dir() {
+            Ok(path)
+        } else {
+            Err(BackendError::Failed(format!(
+                "the writable layer of sandbox {} is not reachable at {} \
+                 (was it started by an older cove?)",
+                self.record.id,
+                path.display()
+            )))
+        }
+    }
 }
