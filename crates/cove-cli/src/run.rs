@@ -58,15 +58,15 @@ pub struct RunArgs {
     /// Run this string with /bin/sh -c instead of CMD.
     #[arg(long, value_name = "SCRIPT", conflicts_with = "command")]
     pub shell: Option<String>,
-    /// Run the template's ENTRYPOINT with CMD as its arguments, as
-    /// `docker run IMAGE [ARGS…]` does: arguments given replace CMD.
-    #[arg(long, conflicts_with = "shell")]
-    pub entrypoint: bool,
     /// Network (--network, --allow-out, --deny-out, -p): a sandbox with
     /// any of these is created by the local daemon (`cove serve`), which
     /// owns the bridge, nftables table and DNS forwarder.
     #[command(flatten)]
     pub network: crate::remote::NetworkArgs,
+    /// Run the template's ENTRYPOINT with CMD as its arguments, as
+    /// `docker run IMAGE [ARGS…]` does: arguments given replace CMD.
+    #[arg(long, conflicts_with = "shell")]
+    pub entrypoint: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,

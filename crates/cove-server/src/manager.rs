@@ -168,13 +168,13 @@ struct StoredSpec {
     pause_on_timeout: bool,
     #[serde(default)]
     auto_resume: bool,
+    /// The sandbox's network (address, policy, published ports).
+    #[serde(default)]
+    network: cove_net::Stored,
     /// The template's layers when the sandbox was created, topmost first
     /// (what a snapshot stacks on, even if the template is replaced).
     #[serde(default)]
     layers: Vec<cove_template::Digest>,
-    /// The sandbox's network (address, policy, published ports).
-    #[serde(default)]
-    network: cove_net::Stored,
 }
 
 /// A network error as the API shows it.
@@ -570,11 +570,11 @@ impl Manager {
             limits: api_limits.clone(),
             pause_on_timeout,
             auto_resume: req.auto_resume,
-            layers: template.meta.layers.clone(),
             network: prepared
                 .as_ref()
                 .map(|p| p.stored().clone())
                 .unwrap_or_default(),
+            layers: template.meta.layers.clone(),
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
         let row = SandboxRow {

@@ -100,18 +100,18 @@ pub trait Instance: Send + Sync + 'static {
     async fn exited(&self) -> String;
     /// Memory in use, in bytes.
     fn memory_usage(&self) -> Option<u64>;
-    /// The host path of the sandbox's writable overlay layer (what a
-    /// snapshot copies), while it runs.
-    fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
-        Err(BackendError::Invalid(
-            "this backend cannot snapshot sandboxes; snapshots need the namespace backend".into(),
-        ))
-    }
     /// The sandbox's network namespace, for cove-net to wire it (a veth,
     /// published ports). Backends without one refuse networking.
     fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
         Err(BackendError::Invalid(
             "this backend has no network namespace cove can wire".into(),
+        ))
+    }
+    /// The host path of the sandbox's writable overlay layer (what a
+    /// snapshot copies), while it runs.
+    fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
+        Err(BackendError::Invalid(
+            "this backend cannot snapshot sandboxes; snapshots need the namespace backend".into(),
         ))
     }
     /// The sandbox's console log (microVMs: the guest's serial console).

@@ -291,6 +291,18 @@ impl Instance for NamespaceInstance {
         self.with(|s| s.cgroup.memory_usage()).flatten()
     }
 
+    fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
+        // The agent is PID 1 of the sandbox; while it lives, its pidfd pins
+        // the PID, so the path cannot name another process's namespace.
+        if self.with(|s| s.is_alive()) != Some(true) {
+            return Err(BackendError::Failed("the sandbox's agent is gone".into()));
+        }
+        let path = format!("/proc/{}/ns/net", self.record.pid);
+        std::fs::File::open(&path)
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(|e| BackendError::Failed(format!("cannot open {path}: {e}")))
+    }
+
     fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
         let path = cove_isolate::rootfs::upper_dir(self.record.pid);
         if path.is_dir() {
@@ -303,17 +315,5 @@ impl Instance for NamespaceInstance {
                 path.display()
             )))
         }
-    }
-
-    fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
-        // The agent is PID 1 of the sandbox; while it lives, its pidfd pins
-        // the PID, so the path cannot name another process's namespace.
-        if self.with(|s| s.is_alive()) != Some(true) {
-            return Err(BackendError::Failed("the sandbox's agent is gone".into()));
-        }
-        let path = format!("/proc/{}/ns/net", self.record.pid);
-        std::fs::File::open(&path)
-            .map(std::os::fd::OwnedFd::from)
-            .map_err(|e| BackendError::Failed(format!("cannot open {path}: {e}")))
     }
 }
