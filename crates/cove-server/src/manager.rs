@@ -1470,7 +1470,9 @@ fn template_error(err: TemplateError) -> ApiError {
         TemplateError::BadName(_) | TemplateError::Image(_) | TemplateError::BuiltIn(_) => {
             ErrorCode::InvalidRequest
         }
-        TemplateError::Exists(_) | TemplateError::InUse(_) => ErrorCode::Conflict,
+        TemplateError::Exists(_) | TemplateError::InUse(_) | TemplateError::Outdated(_) => {
+            ErrorCode::Conflict
+        }
         TemplateError::Registry(_) => ErrorCode::RegistryFailed,
         TemplateError::RegistryTimeout(_) => ErrorCode::Timeout,
         TemplateError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {

@@ -95,6 +95,9 @@ pub enum TemplateError {
         "template {0:?} is in use by a running sandbox; delete the sandboxes started from it first"
     )]
     InUse(String),
+    /// The template predates layered storage and must be rebuilt for this.
+    #[error("{0}")]
+    Outdated(String),
     /// The image or source is unusable: corrupt, truncated, malicious, unsupported.
     #[error("{0}")]
     Image(String),

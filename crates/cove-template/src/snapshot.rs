@@ -68,7 +68,7 @@ impl TemplateStore {
     ) -> Result<Template, TemplateError> {
         self.check_new(name, false)?;
         if source.kind != TemplateKind::Host && source.layers.is_empty() {
-            return Err(TemplateError::Build(format!(
+            return Err(TemplateError::Outdated(format!(
                 "the sandbox's template was built before cove stored templates as layers; \
                  rebuild it (cove template build …) to snapshot its sandboxes ({})",
                 source.description

@@ -112,7 +112,7 @@ pub async fn delete(
         (status = 201, description = "The new template", body = TemplateInfo),
         (status = 400, description = "Bad name, or a backend that cannot snapshot", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
-        (status = 409, description = "A template of that name exists", body = ErrorBody),
+        (status = 409, description = "A template of that name exists, or the sandbox's template predates layered storage (rebuild it)", body = ErrorBody),
         (status = 410, description = "The sandbox has ended", body = ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
