@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,23 @@ fn put(d: &Daemon, id: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
             .body(body),
     );
     (status, json_of(&bytes))
+}
+
+/// Upload `len` bytes over a plain socket, all of the body before reading
+/// anything: the status line, and whether the whole body went out.
+fn raw_put(d: &Daemon, id: &str, path: &str, len: usize) -> (String, bool) {
+    let addr = d.url.trim_start_matches("http://");
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "PUT /v1/sandboxes/{id}/files?path={path} HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {}\r\nContent-Length: {len}\r\n\r\n",
+        d.admin
+    );
+    sock.write_all(head.as_bytes()).unwrap();
+    let sent = sock.write_all(&vec![7u8; len]).is_ok();
+    let mut status = String::new();
+    BufReader::new(sock).read_line(&mut status).unwrap();
+    (status.trim_end().to_string(), sent)
 }
 
 fn get(d: &Daemon, id: &str, path: &str) -> (u16, Vec<u8>) {
@@ -346,6 +363,17 @@ fn round_trips_metadata_and_errors() {
     let (status, err) = put(&d, &small, "/workspace/keep", vec![1u8; 24 << 20]);
     assert_eq!((status, code(&err)), (507, "insufficient_storage"), "{err}");
     assert_eq!(get(&d, &small, "/workspace/keep"), (200, b"old".to_vec()));
+    // The daemon reads the rest of a failed upload before answering, so a
+    // client that sends its whole body first still gets the error, whether
+    // it comes at once (a directory) or half-way (a full disk).
+    for (path, expected) in [
+        ("/workspace", "HTTP/1.1 409 Conflict"),
+        ("/workspace/keep", "HTTP/1.1 507 Insufficient Storage"),
+    ] {
+        let (status, sent) = raw_put(&d, &small, path, 24 << 20);
+        assert_eq!(status, expected, "{path}");
+        assert!(sent, "{path}: the daemon stopped reading the body early");
+    }
     assert_eq!(d.sh(&small, "ls -A /workspace")["stdout"], "keep\n");
 
     // What an upload creates belongs to the sandbox's default user.

@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -35,7 +35,9 @@ use cove_protocol::fs::{FileKind, FsDone, FsEntry, FsErrorKind, FsEvent};
 use futures::StreamExt;
 
 use super::AppState;
+use super::drain;
 use super::extract::{ApiJson, ApiQuery, Auth};
+use crate::auth::Principal;
 use crate::backend::AgentStream;
 use crate::error::ApiError;
 use crate::exec;
@@ -166,8 +168,7 @@ fn transfer_body(download: TransferDownload<AgentStream>) -> Body {
 }
 
 /// Feed a request body to an upload in chunks of `MAX_CHUNK`, then commit.
-async fn feed(mut upload: FsUpload, body: Body) -> Result<FsDone, ApiError> {
-    let mut stream = body.into_data_stream();
+async fn feed(mut upload: FsUpload, stream: &mut BodyDataStream) -> Result<FsDone, ApiError> {
     let mut pending: Vec<u8> = Vec::with_capacity(2 * MAX_CHUNK);
     while let Some(frame) = stream.next().await {
         let bytes =
@@ -198,9 +199,8 @@ const GATHER: usize = 64 * 1024;
 /// Feed a request body to a transfer connection, then commit.
 async fn feed_transfer(
     mut upload: TransferUpload<AgentStream>,
-    body: Body,
+    stream: &mut BodyDataStream,
 ) -> Result<FsEntry, ApiError> {
-    let mut stream = body.into_data_stream();
     let mut pending = BytesMut::new();
     while let Some(frame) = stream.next().await {
         let bytes =
@@ -295,20 +295,37 @@ pub async fn upload(
     let path = required(query.path)?;
     let who = auth.require(Scope::Exec)?;
     let mode = query.mode.map(|m| m.0);
-    let Some(stream) = state.manager.agent_stream(who, &id).await? else {
-        let agent = agent(&state, &auth, &id).await?;
-        let upload = agent.fs_write(&path, mode).await.map_err(file_error)?;
+    let mut body = body.into_data_stream();
+    let written = upload_from(&state, &auth, who, &id, &path, mode, &mut body).await;
+    if written.is_err() {
+        drain(&mut body).await;
+    }
+    Ok(Json(file_entry(written?)))
+}
+
+async fn upload_from(
+    state: &AppState,
+    auth: &Auth,
+    who: &Principal,
+    id: &str,
+    path: &str,
+    mode: Option<u32>,
+    body: &mut BodyDataStream,
+) -> Result<FsEntry, ApiError> {
+    let Some(stream) = state.manager.agent_stream(who, id).await? else {
+        let agent = agent(state, auth, id).await?;
+        let upload = agent.fs_write(path, mode).await.map_err(file_error)?;
         return match feed(upload, body).await? {
-            FsDone::Entry(entry) => Ok(Json(file_entry(entry))),
+            FsDone::Entry(entry) => Ok(entry),
             other => Err(ApiError::internal(format!(
                 "the agent answered an upload with {other:?}"
             ))),
         };
     };
-    let upload = transfer_write(stream, &path, mode)
+    let upload = transfer_write(stream, path, mode)
         .await
         .map_err(file_error)?;
-    Ok(Json(file_entry(feed_transfer(upload, body).await?)))
+    feed_transfer(upload, body).await
 }
 
 /// Describe a path.
@@ -509,9 +526,17 @@ pub async fn tar_upload(
     body: Body,
 ) -> Result<Json<TarResult>, ApiError> {
     let path = required(query.path)?;
-    let agent = agent(&state, &auth, &id).await?;
-    let upload = agent.fs_tar_in(&path).await.map_err(file_error)?;
-    match feed(upload, body).await? {
+    let mut body = body.into_data_stream();
+    let extracted = async {
+        let agent = agent(&state, &auth, &id).await?;
+        let upload = agent.fs_tar_in(&path).await.map_err(file_error)?;
+        feed(upload, &mut body).await
+    }
+    .await;
+    if extracted.is_err() {
+        drain(&mut body).await;
+    }
+    match extracted? {
         FsDone::Transferred { bytes, entries } => Ok(Json(TarResult { entries, bytes })),
         other => Err(ApiError::internal(format!(
             "unexpected answer from the agent: {other:?}"

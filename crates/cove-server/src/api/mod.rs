@@ -134,6 +134,30 @@ impl utoipa::Modify for SecuritySchemes {
     }
 }
 
+/// Most of a failed upload's body that is read and thrown away, and for
+/// how long, before the error is answered.
+const DRAIN_LIMIT: u64 = 256 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Read and discard what is left of a request body whose upload failed
+/// (a full disk, a closed stdin), within `DRAIN_LIMIT` and `DRAIN_TIME`.
+/// Most HTTP clients read the response only once they have sent their
+/// body: answering early and closing would give them a broken pipe
+/// instead of the error.
+pub(crate) async fn drain(body: &mut axum::body::BodyDataStream) {
+    use futures::StreamExt;
+    let mut seen = 0u64;
+    let read = async {
+        while let Some(Ok(bytes)) = body.next().await {
+            seen += bytes.len() as u64;
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+}
+
 /// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
 pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default() + "\n"

@@ -322,7 +322,10 @@ pub async fn stdin(
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::invalid(format!("reading the request body: {e}")))?;
-        writer.write_all(&chunk).await.map_err(closed)?;
+        if let Err(e) = writer.write_all(&chunk).await {
+            super::drain(&mut stream).await;
+            return Err(closed(e));
+        }
         written += chunk.len() as u64;
     }
     writer.flush().await.map_err(closed)?;
