@@ -42,6 +42,34 @@ pub struct BenchArgs {
     /// microVM cases.
     #[arg(long, default_value_t = 3)]
     pub vm_runs: usize,
+    /// Run only these groups of cases (repeat or comma-separate; default:
+    /// all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "GROUP")]
+    pub only: Vec<Group>,
+}
+
+/// Groups of cases, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Group {
+    /// Exec in a running sandbox over the agent protocol.
+    Exec,
+    /// `cove run -- true` against bwrap, runc and crun.
+    Run,
+    /// HTTP exec, create + first exec, 64 clients, runc/podman exec.
+    Http,
+    /// SSE streaming against a pipe.
+    Stream,
+    /// File upload and download against `cp`.
+    Files,
+    /// The microVM boot and vsock exec.
+    Vm,
+}
+
+impl BenchArgs {
+    /// Whether the run includes `group`.
+    pub(crate) fn wants(&self, group: Group) -> bool {
+        self.only.is_empty() || self.only.contains(&group)
+    }
 }
 
 /// Timings of one case.
@@ -351,45 +379,31 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     let me = me.to_string_lossy().into_owned();
     let scratch = tempfile_dir().map_err(Failure::new)?;
     let mut results = Vec::new();
+    let mut rates = Vec::new();
     // In-process sandbox first: `create` needs a single-threaded process.
-    results.push(exec_in_running_sandbox(&args));
-    results.push(command_case(
-        &args,
-        "cove run -- true",
-        &[me.as_str(), "run", "--", "true"],
-    ));
-    if which("bwrap").is_some() {
-        results.push(command_case(
-            &args,
-            "bwrap",
-            &[
-                "bwrap",
-                "--unshare-all",
-                "--die-with-parent",
-                "--ro-bind",
-                "/",
-                "/",
-                "true",
-            ],
-        ));
-    } else {
-        results.push(skipped(
-            "bwrap",
-            "bwrap --unshare-all ...",
-            "bwrap is not installed".into(),
-        ));
+    if args.wants(Group::Exec) {
+        results.push(exec_in_running_sandbox(&args));
     }
-    let bundle = busybox_bundle(&scratch, "true", &["/bin/true"]);
-    results.push(oci_runtime_case(&args, "runc run", "runc", &bundle));
-    results.push(oci_runtime_case(&args, "crun run", "crun", &bundle));
-    let sleep_bundle = busybox_bundle(&scratch, "sleep", &["/bin/sleep", "100000"]);
-    let (latency, mut rates) = http::cases(&args, &scratch, &sleep_bundle);
-    results.extend(latency);
-    rates.extend(files::cases(&args, &scratch));
+    if args.wants(Group::Run) {
+        results.extend(run_cases(&args, &me, &scratch));
+    }
+    if args.wants(Group::Http) || args.wants(Group::Stream) {
+        let sleep_bundle = busybox_bundle(&scratch, "sleep", &["/bin/sleep", "100000"]);
+        let (latency, more) = http::cases(&args, &scratch, &sleep_bundle);
+        results.extend(latency);
+        rates.extend(more);
+    }
+    if args.wants(Group::Files) {
+        rates.extend(files::cases(&args, &scratch));
+    }
     let _ = std::fs::remove_dir_all(&scratch);
     // Last: it starts a multi-threaded runtime.
-    let (vm_results, vm_phases) = crate::bench_vm::cases(&args);
-    results.extend(vm_results);
+    let mut vm_phases = None;
+    if args.wants(Group::Vm) {
+        let (vm_results, phases) = crate::bench_vm::cases(&args);
+        results.extend(vm_results);
+        vm_phases = phases;
+    }
 
     if args.json {
         let doc = serde_json::json!({
@@ -461,6 +475,40 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
         crate::bench_vm::print_phases(&results, &phases);
     }
     Ok(ExitCode(0))
+}
+
+/// `cove run -- true` and the runtimes it is compared with.
+fn run_cases(args: &BenchArgs, me: &str, scratch: &Path) -> Vec<CaseResult> {
+    let mut results = vec![command_case(
+        args,
+        "cove run -- true",
+        &[me, "run", "--", "true"],
+    )];
+    if which("bwrap").is_some() {
+        results.push(command_case(
+            args,
+            "bwrap",
+            &[
+                "bwrap",
+                "--unshare-all",
+                "--die-with-parent",
+                "--ro-bind",
+                "/",
+                "/",
+                "true",
+            ],
+        ));
+    } else {
+        results.push(skipped(
+            "bwrap",
+            "bwrap --unshare-all ...",
+            "bwrap is not installed".into(),
+        ));
+    }
+    let bundle = busybox_bundle(scratch, "true", &["/bin/true"]);
+    results.push(oci_runtime_case(args, "runc run", "runc", &bundle));
+    results.push(oci_runtime_case(args, "crun run", "crun", &bundle));
+    results
 }
 
 fn tempfile_dir() -> Result<PathBuf, String> {

@@ -13,7 +13,7 @@ use cove_client::process::StreamEvent;
 use futures::StreamExt;
 
 use super::daemon::Daemon;
-use super::{BenchArgs, CaseResult, Rate, skipped, summarize, time_commands, which};
+use super::{BenchArgs, CaseResult, Group, Rate, skipped, summarize, time_commands, which};
 
 /// Concurrent clients in the throughput case.
 const CLIENTS: usize = 64;
@@ -304,6 +304,27 @@ fn podman_exec(args: &BenchArgs) -> CaseResult {
     result
 }
 
+const EXEC: (&str, &str) = (
+    "HTTP exec `true` (running sandbox)",
+    "POST /v1/sandboxes/ID/exec {\"argv\":[\"true\"]}",
+);
+const FIRST: (&str, &str) = (
+    "HTTP create + first exec",
+    "POST /v1/sandboxes, then POST /v1/sandboxes/ID/exec",
+);
+const LOAD: (&str, &str) = (
+    "HTTP exec `true`, 64 concurrent clients",
+    "64 clients, a sandbox each, POST …/exec in a loop",
+);
+const SSE: (&str, &str) = (
+    "SSE: head -c N /dev/zero",
+    "POST /v1/sandboxes/ID/exec/stream, base64 chunks decoded by cove-client",
+);
+const PIPE: (&str, &str) = (
+    "pipe: head -c N /dev/zero",
+    "head -c N /dev/zero | (read by cove bench)",
+);
+
 /// Every HTTP case, on a private daemon.
 pub(super) fn cases(
     args: &BenchArgs,
@@ -312,16 +333,9 @@ pub(super) fn cases(
 ) -> (Vec<CaseResult>, Vec<Rate>) {
     let mut latency = Vec::new();
     let mut rates = Vec::new();
-    let exec_name = "HTTP exec `true` (running sandbox)";
-    let exec_shown = "POST /v1/sandboxes/ID/exec {\"argv\":[\"true\"]}";
-    let first_name = "HTTP create + first exec";
-    let first_shown = "POST /v1/sandboxes, then POST /v1/sandboxes/ID/exec";
-    let load_name = "HTTP exec `true`, 64 concurrent clients";
-    let load_shown = "64 clients, a sandbox each, POST …/exec in a loop";
-    let sse_name = "SSE: head -c N /dev/zero";
-    let sse_shown = "POST /v1/sandboxes/ID/exec/stream, base64 chunks decoded by cove-client";
-    let pipe_name = "pipe: head -c N /dev/zero";
-    let pipe_shown = "head -c N /dev/zero | (read by cove bench)";
+    let (exec_name, exec_shown) = EXEC;
+    let (first_name, first_shown) = FIRST;
+    let (load_name, load_shown) = LOAD;
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -348,16 +362,46 @@ pub(super) fn cases(
         }
     };
     let client = daemon.client();
+    if args.wants(Group::Http) {
+        http_latency(
+            args,
+            &runtime,
+            &client,
+            sleep_bundle,
+            &mut latency,
+            &mut rates,
+        );
+    }
+    if args.wants(Group::Stream) {
+        stream_rates(args, &runtime, &client, &mut rates);
+    }
+    runtime.block_on(daemon.delete_all());
+    drop(daemon);
+    (latency, rates)
+}
+
+/// HTTP exec, create + first exec, 64 clients, and `runc`/`podman exec`.
+fn http_latency(
+    args: &BenchArgs,
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    sleep_bundle: &Result<std::path::PathBuf, String>,
+    latency: &mut Vec<CaseResult>,
+    rates: &mut Vec<Rate>,
+) {
+    let (exec_name, exec_shown) = EXEC;
+    let (first_name, first_shown) = FIRST;
+    let (load_name, load_shown) = LOAD;
     runtime.block_on(async {
-        latency.push(match http_exec(args, &client).await {
+        latency.push(match http_exec(args, client).await {
             Ok(s) => summarize(exec_name, exec_shown, s),
             Err(e) => skipped(exec_name, exec_shown, e),
         });
-        latency.push(match create_to_first_exec(args, &client).await {
+        latency.push(match create_to_first_exec(args, client).await {
             Ok(s) => summarize(first_name, first_shown, s),
             Err(e) => skipped(first_name, first_shown, e),
         });
-        match concurrent(args, &client).await {
+        match concurrent(args, client).await {
             Ok((samples, rate)) => {
                 latency.push(summarize(load_name, load_shown, samples));
                 rates.push(Rate::new(load_name, load_shown, rate, "execs/s"));
@@ -367,10 +411,20 @@ pub(super) fn cases(
     });
     latency.push(runc_exec(args, sleep_bundle));
     latency.push(podman_exec(args));
+}
 
+/// SSE against a plain pipe.
+fn stream_rates(
+    args: &BenchArgs,
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    rates: &mut Vec<Rate>,
+) {
+    let (sse_name, sse_shown) = SSE;
+    let (pipe_name, pipe_shown) = PIPE;
     let bytes = args.stream_mib << 20;
     let pipe = pipe_stream(bytes);
-    let sse = runtime.block_on(sse_stream(&client, bytes));
+    let sse = runtime.block_on(sse_stream(client, bytes));
     let pipe_rate = match pipe {
         Ok((n, elapsed)) => {
             let rate = mib_per_s(n, elapsed);
@@ -395,7 +449,4 @@ pub(super) fn cases(
         }
         Err(e) => rates.push(Rate::skipped(sse_name, sse_shown, e)),
     }
-    runtime.block_on(daemon.delete_all());
-    drop(daemon);
-    (latency, rates)
 }
