@@ -16,7 +16,9 @@
 //! its pumps always read, the log keeps the newest `replay_bytes` of each
 //! stream, and any connection may attach from an offset; a reader that
 //! falls behind gets a `Dropped` notice for the bytes it missed. The process
-//! never blocks on a slow or absent reader.
+//! never blocks on a slow or absent reader. A background process spawned
+//! with `follow` is both: its spawning connection reads it from the first
+//! byte with back-pressure, like an owner, but the process outlives it.
 //!
 //! Ordering per subscription: `Spawned` (or `Attached`), then output, then
 //! `Exited` once both streams are fully delivered.
@@ -28,8 +30,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use cove_protocol::{
-    AgentMessage, ExitStatus, MAX_CHUNK, ProcessInfo, ProcessSpec, SpawnError, SpawnErrorKind,
-    Stream,
+    AgentMessage, ExitStatus, MAX_CHUNK, MAX_OUTPUT_CHUNK, ProcessInfo, ProcessSpec, SpawnError,
+    SpawnErrorKind, Stream,
 };
 use nix::sys::wait::WaitStatus;
 use tokio::io::unix::AsyncFd;
@@ -129,8 +131,18 @@ impl OutputLog {
 
     /// Copy up to `max` bytes from offset `from` (which must be >= start).
     fn read(&self, from: u64, max: usize) -> Vec<u8> {
-        let skip = (from - self.start) as usize;
-        self.buf.iter().skip(skip).take(max).copied().collect()
+        let skip = ((from - self.start) as usize).min(self.buf.len());
+        let n = max.min(self.buf.len() - skip);
+        let mut out = Vec::with_capacity(n);
+        // The ring buffer's two slices, copied whole, not byte by byte.
+        let (front, back) = self.buf.as_slices();
+        let from_front = front.len().saturating_sub(skip).min(n);
+        if from_front > 0 {
+            out.extend_from_slice(&front[skip..skip + from_front]);
+        }
+        let back_skip = skip.saturating_sub(front.len());
+        out.extend_from_slice(&back[back_skip..back_skip + (n - from_front)]);
+        out
     }
 }
 
@@ -433,7 +445,7 @@ impl Agent {
         match self.start(&spec, tx) {
             Ok(started) => {
                 let pid = started.proc.pid;
-                if tx.send(AgentMessage::Spawned { req, pid }).await.is_err() && !spec.background {
+                if tx.send(AgentMessage::Spawned { req, pid }).await.is_err() {
                     started.proc.unsubscribe(tx);
                 }
                 self.clone().supervise(started, spec);
@@ -508,14 +520,14 @@ impl Agent {
         let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
         let has_stdin = pipes.stdin.is_some();
         let cap = (spec.replay_bytes.min(MAX_REPLAY) as usize).max(MIN_LOG);
-        let subs = if spec.background {
+        let subs = if spec.background && !spec.follow {
             Vec::new()
         } else {
             vec![Rc::new(Subscription {
                 conn: tx.clone(),
                 next: [Cell::new(0), Cell::new(0)],
                 credit: Cell::new(spec.window),
-                owner: true,
+                owner: !spec.background,
                 backpressure: true,
                 changed: Notify::new(),
                 detached: Cell::new(false),
@@ -823,7 +835,7 @@ async fn deliver(agent: Rc<Agent>, proc: Rc<Proc>, sub: Rc<Subscription>) {
             let available = log.end().saturating_sub(next);
             let credit = sub.credit.get();
             if available > 0 && credit > 0 {
-                let n = available.min(credit).min(MAX_CHUNK as u64) as usize;
+                let n = available.min(credit).min(MAX_OUTPUT_CHUNK as u64) as usize;
                 let data = log.read(next, n);
                 sub.next[i].set(next + data.len() as u64);
                 sub.credit.set(credit - data.len() as u64);
@@ -925,6 +937,24 @@ mod tests {
         log.trim_to(9);
         assert_eq!(log.read(9, 100), b"ld");
         assert_eq!(log.produced, 11);
+    }
+
+    #[test]
+    fn reads_across_the_ring_buffers_wrap_are_exact() {
+        let mut log = OutputLog::new(64, None);
+        let stream: Vec<u8> = (0..=255u8).cycle().take(2000).collect();
+        let mut written = 0;
+        for piece in stream.chunks(23) {
+            log.append(piece, None);
+            written += piece.len();
+            for from in log.start..log.end() {
+                for max in [1, 7, 64, 100] {
+                    let from_i = from as usize;
+                    let end = (from_i + max).min(written);
+                    assert_eq!(log.read(from, max), &stream[from_i..end], "{from} {max}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -536,6 +536,55 @@ async fn background_processes_are_attached_to_later() {
 }
 
 #[tokio::test]
+async fn a_followed_background_process_loses_nothing_and_outlives_its_reader() {
+    let agent = ListeningAgent::start();
+    let starter = agent.connect().await;
+    // Eight times the replay buffer, written before anyone reads.
+    let mut spec = background("head -c 524288 /dev/zero; echo done >&2; sleep 0.3; echo after");
+    spec.follow = true;
+    spec.replay_bytes = 65536;
+    spec.window = 65536;
+    let mut process = starter.spawn(spec).await.unwrap();
+    let pid = process.pid();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = starter.list().await.unwrap();
+    let info = listed.iter().find(|p| p.pid == pid).unwrap();
+    assert!(info.status.is_none(), "held back by its unread follower");
+    let mut stdout = 0u64;
+    loop {
+        match process.next_event().await.unwrap() {
+            ProcessEvent::Output {
+                stream: Stream::Stdout,
+                offset,
+                data,
+            } => {
+                assert_eq!(offset, stdout, "no gap");
+                stdout += data.len() as u64;
+            }
+            ProcessEvent::Output { .. } => {} // "done" on stderr
+            other => panic!("unexpected {other:?}"),
+        }
+        if stdout == 524288 {
+            break;
+        }
+    }
+    assert_eq!(stdout, 524288);
+    // The follower leaves; the process is not killed and ends on its own.
+    drop(process);
+    drop(starter);
+    let reader = agent.connect().await;
+    let (mut late, _) = reader
+        .attach(pid, [524288, 0], 1 << 20, false)
+        .await
+        .unwrap();
+    let out = late.collect().await.unwrap();
+    assert_eq!(
+        (text(&out.stdout).as_str(), out.status.code),
+        ("after\n", Some(0))
+    );
+}
+
+#[tokio::test]
 async fn a_background_process_never_blocks_and_readers_learn_what_they_missed() {
     let agent = ListeningAgent::start();
     let client = agent.connect().await;

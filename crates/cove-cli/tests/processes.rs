@@ -215,9 +215,8 @@ fn stdin_round_trip_and_closed_pipes() {
         &format!("/v1/sandboxes/{id}/processes/{pid}/wait?timeout=30s&encoding=base64"),
         None,
     );
-    use base64::Engine as _;
-    let out = base64::engine::general_purpose::STANDARD
-        .decode(r["stdout"].as_str().unwrap())
+    let out = base64_simd::STANDARD
+        .decode_to_vec(r["stdout"].as_str().unwrap())
         .unwrap();
     let mut expected = b"hello ".to_vec();
     expected.extend_from_slice(&binary);
@@ -283,12 +282,9 @@ fn read_events(
 }
 
 fn bytes_of(event: &Value) -> Vec<u8> {
-    use base64::Engine as _;
     let data = event["data"].as_str().unwrap();
     if event["encoding"] == "base64" {
-        base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .unwrap()
+        base64_simd::STANDARD.decode_to_vec(data).unwrap()
     } else {
         data.as_bytes().to_vec()
     }

@@ -18,6 +18,7 @@ use cove_api::{FileEntry, FileList, MkdirRequest, ModeValue, MoveRequest, TarRes
 use futures::{Stream, StreamExt};
 use reqwest::Method;
 
+use crate::sse::SseDecoder;
 use crate::{Client, Error};
 
 /// Bytes coming from the daemon (a file, or a tar archive).
@@ -53,7 +54,7 @@ impl Download {
 #[derive(Debug)]
 pub struct Watch {
     response: reqwest::Response,
-    buffer: Vec<u8>,
+    decoder: SseDecoder,
 }
 
 impl Watch {
@@ -61,37 +62,22 @@ impl Watch {
     /// watched path was removed). Dropping the `Watch` ends the watch.
     pub async fn next_event(&mut self) -> Result<Option<WatchEvent>, Error> {
         loop {
-            // Server-sent events are separated by a blank line.
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&block);
-                let mut name = "";
-                let mut data = String::new();
-                for line in text.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if data.is_empty() {
-                    continue; // a keep-alive
-                }
-                if name == "error" {
-                    let body: cove_api::ErrorBody =
-                        serde_json::from_str(&data).map_err(|e| Error::Decode(e.to_string()))?;
+            if let Some(event) = self.decoder.next_event() {
+                if event.name == "error" {
+                    let body: cove_api::ErrorBody = serde_json::from_slice(&event.data)
+                        .map_err(|e| Error::Decode(e.to_string()))?;
                     return Err(Error::Api {
                         status: 200,
                         code: body.error.code,
                         message: body.error.message,
                     });
                 }
-                return serde_json::from_str(&data)
+                return serde_json::from_slice(&event.data)
                     .map(Some)
                     .map_err(|e| Error::Decode(e.to_string()));
             }
             match self.response.chunk().await? {
-                Some(chunk) => self.buffer.extend_from_slice(&chunk),
+                Some(chunk) => self.decoder.push(&chunk),
                 None => return Ok(None),
             }
         }
@@ -330,7 +316,7 @@ impl Client {
         )?;
         Ok(Watch {
             response: self.send(req).await?,
-            buffer: Vec::new(),
+            decoder: SseDecoder::default(),
         })
     }
 }

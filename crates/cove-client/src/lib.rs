@@ -28,6 +28,7 @@ pub mod command;
 pub mod files;
 pub mod paths;
 pub mod sandbox;
+mod sse;
 
 pub use command::{
     CancellationToken, Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output,
@@ -342,6 +343,7 @@ pub mod process {
     use serde::Deserialize;
 
     use super::{Client, Error};
+    use crate::sse::SseDecoder;
 
     /// One event of an output stream (server-sent events).
     #[derive(Debug, Clone, PartialEq)]
@@ -363,9 +365,12 @@ pub mod process {
     }
 
     #[derive(Deserialize)]
-    struct Chunk {
+    struct Chunk<'a> {
         offset: u64,
-        data: String,
+        /// Borrowed from the event when it has no escapes (base64 never
+        /// has): the bulk of a stream is not copied here.
+        #[serde(borrow)]
+        data: std::borrow::Cow<'a, str>,
         encoding: cove_api::Encoding,
     }
 
@@ -376,19 +381,18 @@ pub mod process {
         to: u64,
     }
 
-    fn parse_event(name: &str, data: &str) -> Option<StreamEvent> {
-        use base64::Engine as _;
+    fn parse_event(name: &str, data: &[u8]) -> Option<StreamEvent> {
         match name {
-            "start" => serde_json::from_str::<serde_json::Value>(data)
+            "start" => serde_json::from_slice::<serde_json::Value>(data)
                 .ok()
                 .and_then(|v| v["pid"].as_u64())
                 .map(|pid| StreamEvent::Start { pid: pid as u32 }),
             "stdout" | "stderr" => {
-                let chunk: Chunk = serde_json::from_str(data).ok()?;
+                let chunk: Chunk<'_> = serde_json::from_slice(data).ok()?;
                 let bytes = match chunk.encoding {
-                    cove_api::Encoding::Utf8 => chunk.data.into_bytes(),
-                    cove_api::Encoding::Base64 => base64::engine::general_purpose::STANDARD
-                        .decode(chunk.data)
+                    cove_api::Encoding::Utf8 => chunk.data.into_owned().into_bytes(),
+                    cove_api::Encoding::Base64 => base64_simd::STANDARD
+                        .decode_to_vec(chunk.data.as_bytes())
                         .ok()?,
                 };
                 Some(StreamEvent::Output {
@@ -398,15 +402,17 @@ pub mod process {
                 })
             }
             "dropped" => {
-                let d: DroppedBody = serde_json::from_str(data).ok()?;
+                let d: DroppedBody = serde_json::from_slice(data).ok()?;
                 Some(StreamEvent::Dropped {
                     stream: d.stream,
                     from: d.from,
                     to: d.to,
                 })
             }
-            "exit" => serde_json::from_str(data).ok().map(StreamEvent::Exit),
-            "error" => Some(StreamEvent::Error(data.to_string())),
+            "exit" => serde_json::from_slice(data).ok().map(StreamEvent::Exit),
+            "error" => Some(StreamEvent::Error(
+                String::from_utf8_lossy(data).into_owned(),
+            )),
             _ => None,
         }
     }
@@ -417,38 +423,20 @@ pub mod process {
     ) -> impl Stream<Item = Result<(StreamEvent, Option<String>), Error>> {
         let bytes = response.bytes_stream();
         futures::stream::unfold(
-            (bytes, Vec::<u8>::new(), false),
-            |(mut bytes, mut buf, done)| async move {
+            (bytes, SseDecoder::default(), false),
+            |(mut bytes, mut decoder, done)| async move {
                 if done {
                     return None;
                 }
                 loop {
-                    // An event ends at a blank line.
-                    if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                        let block: Vec<u8> = buf.drain(..end + 2).collect();
-                        let text = String::from_utf8_lossy(&block);
-                        let (mut name, mut id, mut data) =
-                            (String::from("message"), None, String::new());
-                        for line in text.lines() {
-                            if let Some(v) = line.strip_prefix("event:") {
-                                name = v.trim().to_string();
-                            } else if let Some(v) = line.strip_prefix("id:") {
-                                id = Some(v.trim().to_string());
-                            } else if let Some(v) = line.strip_prefix("data:") {
-                                if !data.is_empty() {
-                                    data.push('\n');
-                                }
-                                data.push_str(v.strip_prefix(' ').unwrap_or(v));
-                            }
-                        }
-                        match parse_event(&name, &data) {
-                            Some(event) => return Some((Ok((event, id)), (bytes, buf, false))),
-                            None => continue,
+                    while let Some(sse) = decoder.next_event() {
+                        if let Some(event) = parse_event(&sse.name, &sse.data) {
+                            return Some((Ok((event, sse.id)), (bytes, decoder, false)));
                         }
                     }
                     match bytes.next().await {
-                        Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                        Some(Err(e)) => return Some((Err(Error::Http(e)), (bytes, buf, true))),
+                        Some(Ok(chunk)) => decoder.push(&chunk),
+                        Some(Err(e)) => return Some((Err(Error::Http(e)), (bytes, decoder, true))),
                         None => return None,
                     }
                 }

@@ -208,6 +208,8 @@ impl AgentClient {
         let window = spec.window;
         let wants_stdin = spec.stdin;
         let background = spec.background;
+        // A detached process's output is read by attaching, not here.
+        let detached = background && !spec.follow;
         let (tx, rx) = oneshot::channel();
         let req = {
             let mut routes = lock(&self.shared);
@@ -225,7 +227,7 @@ impl AgentClient {
         } else {
             None
         };
-        if background {
+        if detached {
             lock(&self.shared).procs.remove(&route.pid);
         }
         Ok(Process {
@@ -235,7 +237,7 @@ impl AgentClient {
             stdin,
             window,
             consumed: 0,
-            finished: background,
+            finished: detached,
             owned: !background,
         })
     }
@@ -525,6 +527,24 @@ impl Process {
             Some(event) => event?,
             None => return Err(self.client.lost()),
         };
+        self.consume(event).await
+    }
+
+    /// The next event if one has already arrived, without waiting.
+    pub async fn try_next_event(&mut self) -> Option<Result<ProcessEvent, ClientError>> {
+        if self.finished {
+            return None;
+        }
+        match self.events.try_recv() {
+            Ok(Ok(event)) => Some(self.consume(event).await),
+            Ok(Err(err)) => Some(Err(err)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(self.client.lost())),
+        }
+    }
+
+    /// Account for an event handed out: the exit, or output to credit.
+    async fn consume(&mut self, event: ProcessEvent) -> Result<ProcessEvent, ClientError> {
         if matches!(event, ProcessEvent::Exited(_)) {
             self.finished = true;
         }

@@ -39,6 +39,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest stdio chunk the agent puts in one `Output` frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
 
+/// Largest piece of a process's output in one `Output` frame: output that
+/// has piled up while the host was busy goes in few large frames.
+pub const MAX_OUTPUT_CHUNK: usize = 256 * 1024;
+
 /// Default initial output credit for a process.
 pub const DEFAULT_WINDOW: u64 = 1024 * 1024;
 
@@ -230,6 +234,11 @@ pub struct ProcessSpec {
     /// with back-pressure, and the process is killed if that connection
     /// closes before it ends.
     pub background: bool,
+    /// With `background`: the spawning connection still reads the output
+    /// from its first byte, with back-pressure, as an owner would, but the
+    /// process outlives it (a stream that must not lose the start of a
+    /// fast writer's output, yet must not die with its client).
+    pub follow: bool,
     /// Bytes of each stream the agent keeps for late readers (background)
     /// or buffers ahead of a slow owner (foreground).
     pub replay_bytes: u64,
@@ -255,6 +264,7 @@ impl ProcessSpec {
             pty: None,
             window: DEFAULT_WINDOW,
             background: false,
+            follow: false,
             replay_bytes: DEFAULT_REPLAY,
             tag: None,
         }

@@ -40,6 +40,7 @@ fn arb_spec() -> impl Strategy<Value = ProcessSpec> {
                 pty,
                 window: 4096,
                 background: false,
+                follow: false,
                 replay_bytes: 1 << 20,
                 tag: None,
             },

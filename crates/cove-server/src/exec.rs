@@ -1,7 +1,6 @@
 //! Running a command for an API request: the one implementation every
 //! dialect's exec calls.
 
-use base64::Engine as _;
 use cove_api::{Encoding, ErrorCode, ExecRequest, ExecResult};
 use cove_protocol::client::{AgentClient, ClientError, Output};
 use cove_protocol::{CommandLine, ProcessSpec, PtySize, SpawnErrorKind};
@@ -46,11 +45,11 @@ pub fn process_spec(req: &ExecRequest) -> Result<(ProcessSpec, Option<Vec<u8>>),
     let stdin = match (&req.stdin, req.encoding) {
         (None, _) => None,
         (Some(text), Encoding::Utf8) => Some(text.clone().into_bytes()),
-        (Some(text), Encoding::Base64) => Some(
-            base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .map_err(|e| ApiError::invalid(format!("`stdin` is not valid base64: {e}")))?,
-        ),
+        (Some(text), Encoding::Base64) => {
+            Some(base64_simd::STANDARD.decode_to_vec(text).map_err(|_| {
+                ApiError::invalid("`stdin` is not valid base64 (standard alphabet, with padding)")
+            })?)
+        }
     };
     let mut spec = ProcessSpec::new(command);
     spec.env = req
@@ -137,6 +136,40 @@ pub async fn spawn(
     }
 }
 
+/// Start a process for a stream: in the background, so that it outlives
+/// the client, and followed, so that this connection reads its output from
+/// the first byte with back-pressure (nothing dropped, however fast it
+/// writes). `stdin` is fed alongside, so a process that writes before it
+/// has read all of its input cannot deadlock against the stream; then
+/// stdin is closed, or left open for later writes with `keep_stdin_open`.
+pub async fn spawn_followed(
+    agent: &AgentClient,
+    mut spec: ProcessSpec,
+    window: u64,
+    stdin: Option<Vec<u8>>,
+    keep_stdin_open: bool,
+) -> Result<cove_protocol::client::Process, ApiError> {
+    spec.background = true;
+    spec.follow = true;
+    spec.window = window;
+    spec.max_output = None;
+    let mut process = spawn(agent, spec).await?;
+    if let Some(mut writer) = process.take_stdin() {
+        tokio::spawn(async move {
+            if let Some(data) = stdin {
+                let _ = writer.write_all(&data).await;
+                let _ = writer.flush().await;
+            }
+            if keep_stdin_open {
+                writer.release();
+            } else {
+                let _ = writer.close().await;
+            }
+        });
+    }
+    Ok(process)
+}
+
 /// Run a process to completion and collect its output.
 pub async fn run(
     agent: &AgentClient,
@@ -161,10 +194,7 @@ pub async fn run(
 /// Encode bytes for JSON; returns the text and whether bytes were replaced.
 pub fn encode(bytes: &[u8], encoding: Encoding) -> (String, bool) {
     match encoding {
-        Encoding::Base64 => (
-            base64::engine::general_purpose::STANDARD.encode(bytes),
-            false,
-        ),
+        Encoding::Base64 => (base64_simd::STANDARD.encode_to_string(bytes), false),
         Encoding::Utf8 => match std::str::from_utf8(bytes) {
             Ok(text) => (text.to_string(), false),
             Err(_) => (String::from_utf8_lossy(bytes).into_owned(), true),

@@ -28,7 +28,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use cove_api::{
     Encoding, ErrorBody, ErrorCode, ExecRequest, ExecResult, ExitInfo, ProcessInfo, ProcessList,
     Scope, SignalRequest, Started, StdinWritten,
@@ -446,7 +445,7 @@ impl EventWriter {
             }
             None => {
                 json.push_str(r#"{"encoding":"base64","data":""#);
-                base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut json);
+                base64_simd::STANDARD.encode_append(bytes, &mut json);
                 json.push('"');
                 bytes.len()
             }
@@ -481,6 +480,9 @@ impl EventWriter {
     }
 }
 
+/// Most output bytes joined into one SSE event.
+const JOIN_OUTPUT: usize = 1 << 20;
+
 /// Relay a process's events into an SSE channel until it exits.
 async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mpsc::Sender<Event>) {
     let mut writer = EventWriter {
@@ -488,8 +490,14 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
         pending: [Vec::new(), Vec::new()],
         encoding,
     };
+    // An event read ahead while joining output, to handle next.
+    let mut ahead = None;
     loop {
-        let event = match process.next_event().await {
+        let next = match ahead.take() {
+            Some(next) => next,
+            None => process.next_event().await,
+        };
+        let event = match next {
             Ok(event) => event,
             Err(err) => {
                 let data =
@@ -504,11 +512,33 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
             ProcessEvent::Output {
                 stream,
                 offset,
-                data,
-            } => writer
-                .chunk(stream, offset, &data, false)
-                .into_iter()
-                .collect(),
+                mut data,
+            } => {
+                // Output that has already arrived goes in the same event:
+                // a fast writer makes few large events, not many small ones.
+                while data.len() < JOIN_OUTPUT {
+                    match process.try_next_event().await {
+                        Some(Ok(ProcessEvent::Output {
+                            stream: more_stream,
+                            offset: more_offset,
+                            data: more,
+                        })) if more_stream == stream
+                            && more_offset == offset + data.len() as u64 =>
+                        {
+                            data.extend_from_slice(&more);
+                        }
+                        Some(other) => {
+                            ahead = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                writer
+                    .chunk(stream, offset, &data, false)
+                    .into_iter()
+                    .collect()
+            }
             ProcessEvent::Dropped { stream, from, to } => {
                 let i = if stream == Stream::Stdout { 0 } else { 1 };
                 writer.pending[i].clear();
@@ -576,28 +606,11 @@ pub async fn exec_stream(
 ) -> Result<Response, ApiError> {
     let who = auth.require(Scope::Exec)?;
     let (mut spec, stdin) = exec::process_spec(&req)?;
-    spec.background = true;
     spec.tag = req.tag.clone();
-    spec.max_output = None;
     let (_entry, agent) = state.manager.fresh_agent(who, &id).await?;
     state.manager.metrics().execs.inc();
-    let mut started = exec::spawn(&agent, spec).await?;
+    let started = exec::spawn_followed(&agent, spec, STREAM_WINDOW, stdin, req.stdin_open).await?;
     let pid = started.pid();
-    if let Some(mut writer) = started.take_stdin() {
-        if let Some(data) = stdin {
-            writer.write_all(&data).await.map_err(exec::client_error)?;
-            writer.flush().await.map_err(exec::client_error)?;
-        }
-        if req.stdin_open {
-            writer.release();
-        } else {
-            writer.close().await.map_err(exec::client_error)?;
-        }
-    }
-    let (process, _) = agent
-        .attach(pid, [0, 0], STREAM_WINDOW, true)
-        .await
-        .map_err(|e| attach_error(pid, e))?;
     let (tx, rx) = mpsc::channel(8);
     let start = Event::default()
         .event("start")
@@ -606,7 +619,7 @@ pub async fn exec_stream(
     let _ = tx.send(start).await;
     tokio::spawn(async move {
         let _agent = agent;
-        relay(process, [0, 0], req.encoding, tx).await;
+        relay(started, [0, 0], req.encoding, tx).await;
     });
     Ok(sse(rx))
 }

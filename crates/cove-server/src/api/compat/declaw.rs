@@ -484,23 +484,11 @@ async fn run_stream(
             let who = call.require(Scope::Exec)?;
             let mut req = exec_request(&call.json()?)?;
             req.background = false;
-            let (mut spec, stdin) = exec::process_spec(&req)?;
-            spec.background = true;
-            spec.max_output = None;
+            let (spec, stdin) = exec::process_spec(&req)?;
             let (_entry, agent) = state.manager.fresh_agent(who, &id).await?;
             state.manager.metrics().execs.inc();
-            let mut started = exec::spawn(&agent, spec).await?;
-            let pid = started.pid();
-            if let Some(mut writer) = started.take_stdin() {
-                if let Some(data) = stdin {
-                    let _ = writer.write_all(&data).await;
-                }
-                let _ = writer.close().await;
-            }
-            let (mut process, _) = agent
-                .attach(pid, [0, 0], 1 << 20, true)
-                .await
-                .map_err(exec::client_error)?;
+            let mut process = exec::spawn_followed(&agent, spec, 1 << 20, stdin, false).await?;
+            let pid = process.pid();
             let (tx, rx) = mpsc::channel::<Event>(8);
             tokio::spawn(async move {
                 let _agent = agent;

@@ -1,0 +1,167 @@
+//! An incremental `text/event-stream` decoder: bytes in as they arrive,
+//! whole events out.
+//!
+//! Lines end with `\n`, `\r\n` or `\r`; a blank line ends an event; `data`
+//! lines are joined with `\n`; comments (`: heartbeat`) and unknown fields
+//! are skipped, as the HTML standard's event-stream parsing says. The
+//! buffer is scanned once with `memchr`, so a large event costs a few
+//! passes over its bytes, not one per network read.
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SseEvent {
+    /// The `event` field, `message` when absent.
+    pub name: String,
+    /// The `id` field of this event, if it had one.
+    pub id: Option<String>,
+    /// The `data` lines, joined with `\n`.
+    pub data: Vec<u8>,
+}
+
+/// The decoder's state between reads.
+#[derive(Debug, Default)]
+pub(crate) struct SseDecoder {
+    buf: Vec<u8>,
+    /// Where the first line not yet parsed starts.
+    pos: usize,
+    name: Option<String>,
+    id: Option<String>,
+    data: Vec<u8>,
+    /// Whether the event being read has any `data` line.
+    has_data: bool,
+}
+
+impl SseDecoder {
+    /// Add bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        // Drop what was parsed before growing the buffer.
+        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete event, if the bytes so far hold one.
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let rest = &self.buf[self.pos..];
+            let end = memchr::memchr2(b'\n', b'\r', rest)?;
+            // A `\r` at the very end may be the first half of `\r\n`.
+            let terminator = match (rest[end], rest.get(end + 1)) {
+                (b'\r', Some(b'\n')) => 2,
+                (b'\r', None) => return None,
+                _ => 1,
+            };
+            let line_start = self.pos;
+            self.pos += end + terminator;
+            if end == 0 {
+                if let Some(event) = self.dispatch() {
+                    return Some(event);
+                }
+                continue;
+            }
+            self.field(line_start, end);
+        }
+    }
+
+    /// Handle the field line at `buf[start..start + len]`.
+    fn field(&mut self, start: usize, len: usize) {
+        let line = &self.buf[start..start + len];
+        if line[0] == b':' {
+            return; // a comment
+        }
+        let (name, value) = match memchr::memchr(b':', line) {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &b""[..]),
+        };
+        match name {
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.has_data = true;
+                self.data.extend_from_slice(value);
+            }
+            b"event" => self.name = Some(String::from_utf8_lossy(value).into_owned()),
+            b"id" => self.id = Some(String::from_utf8_lossy(value).into_owned()),
+            _ => {}
+        }
+    }
+
+    /// End of an event: hand it out, unless it had no data.
+    fn dispatch(&mut self) -> Option<SseEvent> {
+        let name = self.name.take();
+        let id = self.id.take();
+        if !std::mem::take(&mut self.has_data) {
+            return None;
+        }
+        Some(SseEvent {
+            name: name.unwrap_or_else(|| "message".to_string()),
+            id,
+            data: std::mem::take(&mut self.data),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(decoder: &mut SseDecoder) -> Vec<SseEvent> {
+        std::iter::from_fn(|| decoder.next_event()).collect()
+    }
+
+    fn event(name: &str, id: Option<&str>, data: &str) -> SseEvent {
+        SseEvent {
+            name: name.into(),
+            id: id.map(Into::into),
+            data: data.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn events_split_anywhere_come_out_whole() {
+        let stream = b": heartbeat\n\nevent: stdout\nid: 2.0\ndata: {\"a\":1}\n\n\
+                       event: exit\r\ndata: one\r\ndata:two\r\rdata: three\n\n";
+        let expected = vec![
+            event("stdout", Some("2.0"), "{\"a\":1}"),
+            event("exit", None, "one\ntwo"),
+            event("message", None, "three"),
+        ];
+        for split in 1..stream.len() {
+            let mut decoder = SseDecoder::default();
+            let mut got = Vec::new();
+            for piece in stream.chunks(split) {
+                decoder.push(piece);
+                got.extend(all(&mut decoder));
+            }
+            assert_eq!(got, expected, "pieces of {split} bytes");
+        }
+    }
+
+    #[test]
+    fn an_event_without_data_is_skipped_and_an_unfinished_one_waits() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(b"event: ping\nid: 7\n\nevent: stdout\ndata: x");
+        assert_eq!(all(&mut decoder), vec![]);
+        decoder.push(b"y\n");
+        assert_eq!(all(&mut decoder), vec![]);
+        decoder.push(b"\n");
+        assert_eq!(all(&mut decoder), vec![event("stdout", None, "xy")]);
+    }
+
+    #[test]
+    fn a_long_stream_does_not_grow_the_buffer() {
+        let mut decoder = SseDecoder::default();
+        let block = format!("event: stdout\ndata: {}\n\n", "z".repeat(1000));
+        for _ in 0..10_000 {
+            decoder.push(block.as_bytes());
+            assert_eq!(all(&mut decoder).len(), 1);
+        }
+        assert!(decoder.buf.capacity() < 16 * block.len());
+    }
+}
