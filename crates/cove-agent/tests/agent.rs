@@ -492,7 +492,19 @@ impl ListeningAgent {
     }
 
     async fn connect(&self) -> AgentClient {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+        // The socket file appears at bind(), a moment before listen():
+        // a connection in between is refused.
+        let mut tries = 0;
+        let stream = loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(stream) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 200 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("connecting to the agent: {e}"),
+            }
+        };
         AgentClient::connect(stream, "test").await.unwrap()
     }
 }
