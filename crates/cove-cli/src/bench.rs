@@ -51,7 +51,8 @@ pub struct BenchArgs {
 /// Groups of cases, for `--only`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Group {
-    /// Exec in a running sandbox over the agent protocol.
+    /// Exec in a running sandbox over the agent protocol, and the same
+    /// program started on the host.
     Exec,
     /// `cove run -- true` against bwrap, runc and crun.
     Run,
@@ -383,6 +384,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
     // In-process sandbox first: `create` needs a single-threaded process.
     if args.wants(Group::Exec) {
         results.push(exec_in_running_sandbox(&args));
+        // The floor under any exec: starting `true` on the host, no sandbox.
+        results.push(command_case(
+            &args,
+            "host: spawn `true` and wait (no sandbox)",
+            &["true"],
+        ));
     }
     if args.wants(Group::Run) {
         results.extend(run_cases(&args, &me, &scratch));
