@@ -161,8 +161,10 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 fn main() {
     // The daemon's sandbox helper must stay single-threaded: dispatch it
     // before anything else runs.
-    if std::env::args().nth(1).as_deref() == Some("__create-sandbox") {
-        std::process::exit(cove_server::helper_main());
+    match std::env::args().nth(1).as_deref() {
+        Some("__create-sandbox") => std::process::exit(cove_server::helper_main()),
+        Some("__sandbox-factory") => std::process::exit(cove_server::factory_main()),
+        _ => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(

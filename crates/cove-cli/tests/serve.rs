@@ -497,6 +497,62 @@ fn keys_scopes_and_owners() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// The daemon's sandbox factory: its child running `cove __sandbox-factory`.
+fn factory_of(d: &Daemon) -> Option<i32> {
+    let daemon = d.child.as_ref()?.id().to_string();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let ppid = stat.rsplit(") ").next()?.split(' ').nth(1)?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            (ppid == daemon && cmdline.windows(17).any(|w| w == b"__sandbox-factory"))
+                .then_some(pid)
+        })
+}
+
+/// Whether `pid` exits (or is a zombie) within `limit`.
+fn gone_within(pid: i32, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_dead_sandbox_factory_is_replaced() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let first = d.create(json!({}));
+    let factory = factory_of(&d).expect("the daemon runs a sandbox factory");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(factory),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(gone_within(factory, Duration::from_secs(5)));
+    // The next create starts another factory and works; the sandbox made
+    // by the dead one is untouched.
+    let second = d.create(json!({}));
+    assert_eq!(d.sh(&second, "echo new")["stdout"], "new\n");
+    assert_eq!(d.sh(&first, "echo old")["stdout"], "old\n");
+    let replacement = factory_of(&d).expect("a new factory");
+    assert_ne!(replacement, factory);
+    for id in [&first, &second] {
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    }
+    d.assert_nothing_left();
+}
+
 #[test]
 fn restart_without_loss() {
     if !root() {
@@ -522,7 +578,13 @@ fn restart_without_loss() {
         record["pid"].as_i64().unwrap() as i32
     };
 
+    let factory = factory_of(&d).expect("the daemon runs a sandbox factory");
     d.kill();
+    // Its sandbox factory leaves with it.
+    assert!(
+        gone_within(factory, Duration::from_secs(5)),
+        "the factory outlived its daemon"
+    );
     // While the daemon is down, one sandbox's agent dies.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(doomed_agent),

@@ -198,6 +198,7 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
             config.cgroup_parent
         )));
     }
+    occupy_stdio()?;
     let state_dir = &config.state_dir;
     fs::DirBuilder::new()
         .recursive(true)
@@ -465,6 +466,36 @@ fn setup(
     capabilities::restrict()?;
     seccomp::apply(programs)?;
     Ok((process_cgroups, oom_events))
+}
+
+/// Open `/dev/null` on whichever of fds 0-2 is closed (a caller started
+/// with `<&-`), so that no descriptor the sandbox keeps lands there: its
+/// agent replaces 0-2 with its own stdio.
+fn occupy_stdio() -> Result<(), Error> {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        let null = fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|source| Error::Io {
+                action: "open",
+                path: PathBuf::from("/dev/null"),
+                source,
+            })?;
+        let raw = null.as_raw_fd();
+        if raw == fd {
+            // The lowest free descriptor is this one: keep it open.
+            let _ = std::os::fd::IntoRawFd::into_raw_fd(null);
+        } else {
+            // SAFETY: dup2 onto a descriptor that is closed.
+            unsafe { libc::dup2(raw, fd) };
+        }
+    }
+    Ok(())
 }
 
 /// Close every descriptor above 2 that is not in `keep`: the sandbox must

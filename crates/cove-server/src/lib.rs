@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+pub use backend::factory::factory_main;
 pub use backend::namespace::helper_main;
 
 /// How the daemon runs.

@@ -3,6 +3,7 @@
 //! through the agent connection an instance hands back, so they are written
 //! once and work on every backend.
 
+pub mod factory;
 pub mod microvm;
 pub mod namespace;
 

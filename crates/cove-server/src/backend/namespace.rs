@@ -1,10 +1,11 @@
 //! The namespace backend, driven from the daemon.
 //!
 //! `cove_isolate::create` forks the calling process, which must then be
-//! single-threaded; the daemon is not. So the daemon runs a short-lived
-//! helper (`cove __create-sandbox`, the same binary) that reads the
-//! sandbox's configuration on stdin, creates it, prints its record, and
-//! exits. The agent it leaves behind listens on `<state>/agent.sock` and is
+//! single-threaded; the daemon is not. So a single-threaded copy of the
+//! cove binary creates each sandbox: a creator forked by the sandbox
+//! factory (see [`super::factory`]), or, without one, a short-lived
+//! helper (`cove __create-sandbox`). Either reads the sandbox's
+//! configuration, creates it, answers with its record, and exits. The agent it leaves behind listens on `<state>/agent.sock` and is
 //! not tied to the daemon: it outlives daemon restarts. The daemon is a
 //! child subreaper, so orphaned agents become its children and are reaped.
 
@@ -13,43 +14,44 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use cove_isolate::{Layout, Sandbox, SandboxConfig, SandboxRecord};
-use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::factory::Factory;
 use super::{AgentStream, Backend, BackendError, Instance, SandboxSpec};
 use crate::engine;
 
-/// Run the namespace backend's helper: read a [`SandboxConfig`] as JSON on
-/// stdin, create the sandbox, print `{"record": …}` or `{"error": "…"}`.
-/// Called from `main` before any thread exists.
+/// Run the namespace backend's one-shot helper: read a [`SandboxConfig`]
+/// as JSON on stdin, create the sandbox, print `{"record": …}` or
+/// `{"error": "…"}`. Called from `main` before any thread exists.
 pub fn helper_main() -> i32 {
     let mut input = Vec::new();
-    if let Err(err) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut input) {
-        println!(
-            "{}",
-            serde_json::json!({ "error": format!("reading the configuration: {err}") })
-        );
-        return 1;
-    }
-    let config: SandboxConfig = match serde_json::from_slice(&input) {
+    let (reply, code) = match std::io::Read::read_to_end(&mut std::io::stdin(), &mut input) {
+        Ok(_) => create_from(&input),
+        Err(err) => (
+            serde_json::json!({ "error": format!("reading the configuration: {err}") }),
+            1,
+        ),
+    };
+    println!("{reply}");
+    code
+}
+
+/// Create the sandbox a JSON [`SandboxConfig`] describes, in this
+/// (single-threaded) process: the reply for the daemon and an exit code.
+pub(crate) fn create_from(input: &[u8]) -> (serde_json::Value, i32) {
+    let config: SandboxConfig = match serde_json::from_slice(input) {
         Ok(c) => c,
         Err(err) => {
-            println!(
-                "{}",
-                serde_json::json!({ "error": format!("bad configuration: {err}") })
+            return (
+                serde_json::json!({ "error": format!("bad configuration: {err}") }),
+                1,
             );
-            return 1;
         }
     };
     match cove_isolate::create(&config, &Layout::detect()) {
-        Ok(sandbox) => {
-            println!("{}", serde_json::json!({ "record": sandbox.record() }));
-            0
-        }
-        Err(err) => {
-            println!("{}", serde_json::json!({ "error": err.to_string() }));
-            1
-        }
+        Ok(sandbox) => (serde_json::json!({ "record": sandbox.record() }), 0),
+        Err(err) => (serde_json::json!({ "error": err.to_string() }), 1),
     }
 }
 
@@ -59,11 +61,85 @@ pub struct NamespaceBackend {
     state_root: PathBuf,
     /// The cove binary, run as `cove __create-sandbox`.
     helper: PathBuf,
+    /// The same binary as a factory of creators (the fast path).
+    factory: Factory,
 }
 
 impl NamespaceBackend {
     pub fn new(state_root: PathBuf, helper: PathBuf) -> NamespaceBackend {
-        NamespaceBackend { state_root, helper }
+        let factory = Factory::new(&helper);
+        NamespaceBackend {
+            state_root,
+            helper,
+            factory,
+        }
+    }
+
+    /// Create through a creator the factory forked: the configuration
+    /// out, then the reply back, on one socket.
+    async fn create_with(
+        &self,
+        creator: std::os::unix::net::UnixStream,
+        input: &[u8],
+    ) -> Result<serde_json::Value, BackendError> {
+        let failed = |what: &str, e: std::io::Error| {
+            BackendError::Failed(format!("talking to the sandbox creator ({what}): {e}"))
+        };
+        creator
+            .set_nonblocking(true)
+            .map_err(|e| failed("setup", e))?;
+        let mut creator =
+            tokio::net::UnixStream::from_std(creator).map_err(|e| failed("setup", e))?;
+        creator
+            .write_all(input)
+            .await
+            .map_err(|e| failed("configuration", e))?;
+        creator
+            .shutdown()
+            .await
+            .map_err(|e| failed("configuration", e))?;
+        let mut reply = Vec::new();
+        creator
+            .read_to_end(&mut reply)
+            .await
+            .map_err(|e| failed("reply", e))?;
+        serde_json::from_slice(&reply).map_err(|_| {
+            BackendError::Failed(format!(
+                "the sandbox creator failed without a reply ({})",
+                String::from_utf8_lossy(&reply).trim()
+            ))
+        })
+    }
+
+    /// Create through a one-shot `cove __create-sandbox`.
+    async fn create_with_helper(&self, input: &[u8]) -> Result<serde_json::Value, BackendError> {
+        let mut child = tokio::process::Command::new(&self.helper)
+            .arg("__create-sandbox")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                BackendError::Failed(format!("cannot run {}: {e}", self.helper.display()))
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input)
+                .await
+                .map_err(|e| BackendError::Failed(format!("helper stdin: {e}")))?;
+        }
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|e| BackendError::Failed(format!("helper: {e}")))?;
+        serde_json::from_slice(&output.stdout).map_err(|_| {
+            BackendError::Failed(format!(
+                "the sandbox helper failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        })
     }
 
     fn instance(&self, record: SandboxRecord) -> Result<Arc<dyn Instance>, BackendError> {
@@ -99,33 +175,10 @@ impl Backend for NamespaceBackend {
         config.listen = true;
         config.agent_log = Some(config.state_dir.join("agent.log"));
         let input = serde_json::to_vec(&config).map_err(|e| BackendError::Failed(e.to_string()))?;
-        let mut child = tokio::process::Command::new(&self.helper)
-            .arg("__create-sandbox")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                BackendError::Failed(format!("cannot run {}: {e}", self.helper.display()))
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(&input)
-                .await
-                .map_err(|e| BackendError::Failed(format!("helper stdin: {e}")))?;
-        }
-        let output = child
-            .wait_with_output()
-            .await
-            .map_err(|e| BackendError::Failed(format!("helper: {e}")))?;
-        let reply: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|_| {
-            BackendError::Failed(format!(
-                "the sandbox helper failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        })?;
+        let reply = match self.factory.creator() {
+            Some(creator) => self.create_with(creator, &input).await?,
+            None => self.create_with_helper(&input).await?,
+        };
         if let Some(error) = reply.get("error").and_then(|e| e.as_str()) {
             return Err(classify(error));
         }
@@ -144,7 +197,6 @@ impl Backend for NamespaceBackend {
             }
         }
     }
-
     async fn reattach(
         &self,
         _id: &str,
