@@ -78,13 +78,6 @@ pub(super) fn create(
             write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
         }
     }
-    if let Some(mount) = mounts.freezer {
-        let dir = mount.join(parent).join(id);
-        mkdir(&dir)?;
-        cg.dirs.push(dir.clone());
-        cg.freeze = Some((dir.clone(), CgroupKindDef::V1Freezer));
-        cg.kill = Some((dir, CgroupKindDef::V1Freezer));
-    }
     // The unified hierarchy of a hybrid host has no controllers, but it
     // does have cgroup.kill and cgroup.freeze, which are exact and atomic.
     if let Some(mount) = mounts.unified {
@@ -98,6 +91,18 @@ pub(super) fn create(
                 cg.freeze = Some((dir, CgroupKindDef::V2));
             }
         }
+    }
+    // The v1 freezer only for what the unified hierarchy cannot do: one
+    // hierarchy less to join and to remove for every sandbox.
+    if let Some(mount) = mounts.freezer
+        && (cg.kill.is_none() || cg.freeze.is_none())
+    {
+        let dir = mount.join(parent).join(id);
+        mkdir(&dir)?;
+        cg.dirs.push(dir.clone());
+        cg.freeze
+            .get_or_insert_with(|| (dir.clone(), CgroupKindDef::V1Freezer));
+        cg.kill.get_or_insert((dir, CgroupKindDef::V1Freezer));
     }
     Ok(())
 }
