@@ -92,8 +92,9 @@ fn run_all(args: &BenchArgs) -> Result<(Samples, Phases), String> {
     };
     let image = cove_vm::ensure_guest_image(&crate::run_vm::cache_dir(), &agent, &mut |_, _, _| {})
         .map_err(|e| e.to_string())?;
-    let disk = cove_vm::ensure_rootfs_image(&template.dir, &mut |_, _, _| {})
-        .map_err(|e| e.to_string())?;
+    let disk =
+        cove_vm::ensure_rootfs_image_of(&template.dir, template.root_layers(), &mut |_, _, _| {})
+            .map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -70,8 +70,9 @@ pub fn run(args: &RunArgs, spec: ProcessSpec) -> Result<ExitCode, Failure> {
     sweep_stale(&root);
     let image = cove_vm::ensure_guest_image(&cache_dir(), &agent, &mut progress)
         .map_err(|e| Failure::new(e.to_string()))?;
-    let disk = cove_vm::ensure_rootfs_image(&template.dir, &mut progress)
-        .map_err(|e| Failure::new(e.to_string()))?;
+    let disk =
+        cove_vm::ensure_rootfs_image_of(&template.dir, template.root_layers(), &mut progress)
+            .map_err(|e| Failure::new(e.to_string()))?;
 
     let id = engine::new_id();
     let options = SandboxOptions {

@@ -354,7 +354,9 @@ fn prepare_microvm(template: &cove_template::Template) {
         bar.set_message(msg.to_string());
     };
     let built = cove_vm::ensure_guest_image(&crate::run_vm::cache_dir(), &agent, &mut progress)
-        .and_then(|_| cove_vm::ensure_rootfs_image(&template.dir, &mut progress));
+        .and_then(|_| {
+            cove_vm::ensure_rootfs_image_of(&template.dir, template.root_layers(), &mut progress)
+        });
     match built {
         Ok(disk) => {
             bar.finish_and_clear();

@@ -643,3 +643,37 @@ fn hopx_dialect_on_a_microvm() {
     assert_eq!(s, 204);
     assert_nothing_left(&d);
 }
+
+/// A template of several layers (here a snapshot over busybox) boots as a
+/// microVM: its root disk is the layers' overlay, whiteouts applied.
+#[test]
+fn a_snapshot_boots_as_a_microvm() {
+    let Some(d) = daemon(VM) else { return };
+    let source = d.create(json!({"template": "busybox", "backend": NS}));
+    let r = d.sh(
+        &source,
+        "echo made > /workspace/made && rm /linuxrc && mkdir -p /opt/app && echo v2 > /opt/app/version",
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let (s, snap) = d.call(
+        "POST",
+        &path(&source, "/snapshot"),
+        Some(json!({"name": "layered"})),
+    );
+    assert_eq!(s, 201, "{snap}");
+    assert!(snap["layers"].as_array().unwrap().len() >= 2, "{snap}");
+
+    let vm = d.create(json!({"template": "layered", "backend": VM}));
+    let r = d.sh(
+        &vm,
+        "cat /workspace/made /opt/app/version; test -e /linuxrc && echo linuxrc-back; ls /bin/busybox",
+    );
+    assert_eq!(r["stdout"], "made\nv2\n/bin/busybox\n", "{r}");
+    for id in [&vm, &source] {
+        let (s, _) = d.call("DELETE", &path(id, ""), None);
+        assert_eq!(s, 204);
+    }
+    let (s, _) = d.call("DELETE", "/v1/templates/layered", None);
+    assert!(s == 204 || s == 200, "{s}");
+    assert_nothing_left(&d);
+}

@@ -226,6 +226,17 @@ impl Template {
     pub fn name(&self) -> &str {
         &self.meta.name
     }
+
+    /// The layers that make the whole root filesystem, topmost first;
+    /// empty for the host template, whose root is mostly the host's own
+    /// directories bound in.
+    pub fn root_layers(&self) -> &[PathBuf] {
+        if self.meta.kind == TemplateKind::Host {
+            &[]
+        } else {
+            &self.layers
+        }
+    }
 }
 
 /// The templates in one data directory.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use accel::{Accel, AccelChoice};
-pub use image::{GuestImage, ensure_guest_image, ensure_rootfs_image};
+pub use image::{GuestImage, ensure_guest_image, ensure_rootfs_image, ensure_rootfs_image_of};
 pub use proc::ProcessId;
 pub use transport::{AGENT_PORT, AgentStream, Transport, TransportRecord};
 pub use vmm::{VmmChoice, VmmKind};

@@ -186,11 +186,12 @@ impl MicrovmBackend {
             .cloned()
     }
 
-    async fn root_disk(&self, template_dir: &Path) -> Result<PathBuf, BackendError> {
+    async fn root_disk(&self, template: &cove_template::Template) -> Result<PathBuf, BackendError> {
         let _building = self.disk_builds.lock().await;
-        let dir = template_dir.to_path_buf();
+        let dir = template.dir.clone();
+        let layers = template.root_layers().to_vec();
         tokio::task::spawn_blocking(move || {
-            cove_vm::ensure_rootfs_image(&dir, &mut |_, _, what| {
+            cove_vm::ensure_rootfs_image_of(&dir, &layers, &mut |_, _, what| {
                 tracing::info!(step = what, "microVM root disk");
             })
         })
@@ -264,7 +265,7 @@ impl Backend for MicrovmBackend {
         let (vcpus, memory_mib) = vm_size(&spec.options.limits)?;
         self.prune_consoles();
         let image = self.guest_image(agent).await?;
-        let disk = self.root_disk(&spec.template.dir).await?;
+        let disk = self.root_disk(&spec.template).await?;
         // The same environment, directory and user a namespace sandbox of
         // this template would get.
         let settings =

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use rootfs::ensure_rootfs_image;
+pub use rootfs::{ensure_rootfs_image, ensure_rootfs_image_of};
 
 use crate::{Progress, VmError};
 use cove_agent::vm_init::{CONFIG_PATH, MODULE_ORDER, MODULES_DIR, VmInitConfig};

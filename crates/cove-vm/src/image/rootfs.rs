@@ -1,9 +1,15 @@
-//! A template's `rootfs/` as a read-only ext4 disk for the guest.
+//! A template's root filesystem as a read-only ext4 disk for the guest.
 //!
 //! `mkfs.ext4 -d` (e2fsprogs) copies a directory into a new filesystem
 //! without mounting anything, so it needs no loop device. The image has no
 //! journal (the guest never writes it: its writes go to a tmpfs overlay)
 //! and is sized from the tree with room for ext4's own metadata.
+//!
+//! The tree is the template's `rootfs/`, or its one layer, or, for a
+//! template of several layers (an image with many, a snapshot over its
+//! base), their overlay: mounted read-only in a mount namespace of
+//! `mkfs.ext4`'s own, so the kernel applies whiteouts and opaque
+//! directories and the mount vanishes with the process.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +25,16 @@ pub fn ensure_rootfs_image(
     template_dir: &Path,
     progress: Progress<'_>,
 ) -> Result<PathBuf, VmError> {
+    ensure_rootfs_image_of(template_dir, &[], progress)
+}
+
+/// Build (or find) `template_dir/rootfs.ext4` from `template_dir/rootfs`,
+/// or, without one, from `layers` (topmost first, as overlayfs stacks them).
+pub fn ensure_rootfs_image_of(
+    template_dir: &Path,
+    layers: &[PathBuf],
+    progress: Progress<'_>,
+) -> Result<PathBuf, VmError> {
     let image = template_dir.join(ROOTFS_IMAGE);
     // Templates are immutable once built (a rebuild renames a whole new
     // directory into place), so an existing image is current.
@@ -26,15 +42,35 @@ pub fn ensure_rootfs_image(
         return Ok(image);
     }
     let rootfs = template_dir.join("rootfs");
-    if !rootfs.is_dir() {
+    let source: &[PathBuf] = if rootfs.is_dir() {
+        std::slice::from_ref(&rootfs)
+    } else {
+        layers
+    };
+    if source.is_empty() {
         return Err(VmError::Image(format!(
             "{} has no rootfs/ directory; the microVM backend needs a template with its own \
              root filesystem (e.g. `cove template build busybox`), not the host template",
             template_dir.display()
         )));
     }
+    if let Some(bad) = source
+        .iter()
+        .find(|l| l.to_string_lossy().contains([':', ',']))
+    {
+        return Err(VmError::Image(format!(
+            "layer path {} contains ':' or ',', which an overlay mount cannot name",
+            bad.display()
+        )));
+    }
     progress(0, 2, "measuring the template");
-    let (bytes, inodes) = measure(&rootfs)?;
+    // Every layer's size: an upper bound of the merged tree's.
+    let (mut bytes, mut inodes) = (0, 0);
+    for layer in source {
+        let (b, i) = measure(layer)?;
+        bytes += b;
+        inodes += i;
+    }
     // Data rounded to blocks, plus inode tables, plus a fixed margin for
     // the superblock, group descriptors and directories.
     let inodes = inodes + inodes / 4 + 256;
@@ -46,7 +82,59 @@ pub fn ensure_rootfs_image(
     let file = std::fs::File::create(&tmp).map_err(VmError::io("create", &tmp))?;
     file.set_len(size).map_err(VmError::io("size", &tmp))?;
     drop(file);
-    let out = Command::new("mkfs.ext4")
+    // One tree as it is; several through a private overlay mount.
+    let merged = template_dir.join(format!(".rootfs-merge-{}", std::process::id()));
+    let tree = match source {
+        [only] => only.clone(),
+        _ => {
+            let _ = std::fs::create_dir(&merged);
+            merged.clone()
+        }
+    };
+    let mut mkfs = Command::new("mkfs.ext4");
+    if source.len() > 1 {
+        let lower = source
+            .iter()
+            .map(|l| l.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        let options = std::ffi::CString::new(format!("lowerdir={lower}"))
+            .map_err(|_| VmError::Image("a layer path contains a NUL byte".into()))?;
+        let target = std::ffi::CString::new(merged.as_os_str().as_encoded_bytes())
+            .map_err(|_| VmError::Image("the template path contains a NUL byte".into()))?;
+        // SAFETY: only system calls on C strings prepared above run
+        // between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut mkfs, move || {
+                let fail = || Err(std::io::Error::last_os_error());
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return fail();
+                }
+                if libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail();
+                }
+                if libc::mount(
+                    c"overlay".as_ptr(),
+                    target.as_ptr(),
+                    c"overlay".as_ptr(),
+                    libc::MS_RDONLY,
+                    options.as_ptr().cast(),
+                ) != 0
+                {
+                    return fail();
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = mkfs
         .args([
             "-q",
             "-F",
@@ -64,16 +152,21 @@ pub fn ensure_rootfs_image(
         .arg("-E")
         .arg("root_owner=0:0")
         .arg("-d")
-        .arg(&rootfs)
+        .arg(&tree)
         .arg(&tmp)
         .stdin(Stdio::null())
         .output();
+    let _ = std::fs::remove_dir(&merged);
     let failure = match out {
         Ok(out) if out.status.success() => None,
         Ok(out) => Some(format!(
             "mkfs.ext4 failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) if source.len() > 1 => Some(format!(
+            "cannot overlay the template's {} layers for mkfs.ext4, or run it: {e}",
+            source.len()
         )),
         Err(e) => Some(format!(
             "cannot run mkfs.ext4 ({e}); install Debian's e2fsprogs package"
@@ -124,6 +217,55 @@ mod tests {
         let Some(dir) = dir else { return };
         let err = ensure_rootfs_image(dir.path(), &mut |_, _, _| {});
         assert!(matches!(err, Err(VmError::Image(m)) if m.contains("rootfs/")));
+    }
+
+    #[test]
+    fn merges_layers_with_their_whiteouts() {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || Command::new("debugfs").arg("-V").output().is_err() {
+            eprintln!("skipping: needs root and e2fsprogs");
+            return;
+        }
+        let Ok(dir) = tempfile::tempdir() else { return };
+        let (lower, upper) = (dir.path().join("lower"), dir.path().join("upper"));
+        let template = dir.path().join("template");
+        for d in [lower.join("etc"), upper.join("etc"), template.clone()] {
+            std::fs::create_dir_all(&d).unwrap();
+        }
+        std::fs::write(lower.join("etc/keep"), b"old").unwrap();
+        std::fs::write(lower.join("etc/gone"), b"old").unwrap();
+        std::fs::write(upper.join("etc/new"), b"new").unwrap();
+        // An overlayfs whiteout: a 0/0 character device.
+        let gone =
+            std::ffi::CString::new(upper.join("etc/gone").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: mknod on a valid C string.
+        let made = unsafe { libc::mknod(gone.as_ptr(), libc::S_IFCHR | 0o600, 0) };
+        assert_eq!(made, 0);
+        let image = ensure_rootfs_image_of(&template, &[upper, lower], &mut |_, _, _| {});
+        let Ok(image) = image else {
+            panic!("image build failed: {image:?}");
+        };
+        let listing = Command::new("debugfs")
+            .args(["-R", "ls -p /etc"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        let names: Vec<&str> = listing
+            .lines()
+            .filter_map(|l| l.split('/').nth(5))
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        assert_eq!(names, ["keep", "new"], "{listing}");
+        // Nothing of the merge is left in the template directory.
+        let left: Vec<_> = std::fs::read_dir(&template)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from(ROOTFS_IMAGE)]);
     }
 
     #[test]
