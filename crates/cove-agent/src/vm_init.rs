@@ -62,6 +62,10 @@ pub struct VmInitConfig {
     /// vsock before then (see `cove_vm::Vm::boot`).
     #[serde(default)]
     pub ready_port: Option<u32>,
+    /// `pids.max` of the cgroup every sandboxed process runs in; `None` =
+    /// no limit.
+    #[serde(default)]
+    pub pids_max: Option<u64>,
 }
 
 /// Run as PID 1 of a microVM. Never returns.
@@ -179,7 +183,7 @@ fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
         env,
         cwd: vm.cwd,
         user: vm.user,
-        cgroups: cgroup_root(),
+        cgroups: cgroup_root(vm.pids_max)?,
         oom_events: None,
         root: "/".into(),
     };
@@ -268,18 +272,30 @@ fn switch_root(new_root: &str) -> Result<(), String> {
 }
 
 /// A cgroup v2 hierarchy lets the agent kill exact process trees, as it
-/// does in namespace sandboxes. Without one it falls back to process groups.
-fn cgroup_root() -> Option<ProcessCgroups> {
+/// does in namespace sandboxes. Without one it falls back to process
+/// groups. Every sandboxed process runs below `/sys/fs/cgroup/sandbox`,
+/// which carries the pids limit (the agent itself stays in the root).
+fn cgroup_root(pids_max: Option<u64>) -> Result<Option<ProcessCgroups>, String> {
     let path = "/sys/fs/cgroup";
     if let Err(err) = mount_fs("cgroup2", path, "cgroup2", nodev_nosuid_noexec(), None) {
+        if pids_max.is_some() {
+            return Err(format!("{err}: the pids limit cannot be enforced"));
+        }
         eprintln!("cove-vm-init: {err}; timeouts will kill process groups only");
-        return None;
+        return Ok(None);
     }
-    let dir = std::fs::File::open(path).ok()?;
-    Some(ProcessCgroups {
+    let sandbox = format!("{path}/sandbox");
+    mkdir(&sandbox)?;
+    if let Some(max) = pids_max {
+        std::fs::write(format!("{path}/cgroup.subtree_control"), "+pids")
+            .and_then(|()| std::fs::write(format!("{sandbox}/pids.max"), max.to_string()))
+            .map_err(|e| format!("cannot set the pids limit of {max}: {e}"))?;
+    }
+    let dir = std::fs::File::open(&sandbox).map_err(|e| format!("{sandbox}: {e}"))?;
+    Ok(Some(ProcessCgroups {
         dir: OwnedFd::from(dir),
         kind: CgroupKind::V2,
-    })
+    }))
 }
 
 fn loopback_up() -> std::io::Result<()> {
@@ -517,6 +533,7 @@ mod tests {
             root_device: "/dev/vda".into(),
             overlay_size_mib: Some(256),
             ready_port: Some(1025),
+            pids_max: Some(64),
         };
         let text = serde_json::to_string(&config).unwrap_or_default();
         let back: Result<VmInitConfig, _> = serde_json::from_str(&text);

@@ -89,6 +89,7 @@ pub fn run(args: &RunArgs, spec: ProcessSpec) -> Result<ExitCode, Failure> {
     config.cwd = settings.cwd;
     config.user = settings.user;
     config.overlay_size_mib = Some((args.disk >> 20).clamp(1, memory_mib / 2));
+    config.pids = options.limits.pids;
     std::fs::create_dir_all(&root)
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", root.display())))?;
 

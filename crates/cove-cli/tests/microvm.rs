@@ -663,12 +663,25 @@ fn a_snapshot_boots_as_a_microvm() {
     assert_eq!(s, 201, "{snap}");
     assert!(snap["layers"].as_array().unwrap().len() >= 2, "{snap}");
 
-    let vm = d.create(json!({"template": "layered", "backend": VM}));
+    let vm = d.create(json!({"template": "layered", "backend": VM, "pids": 16}));
     let r = d.sh(
         &vm,
         "cat /workspace/made /opt/app/version; test -e /linuxrc && echo linuxrc-back; ls /bin/busybox",
     );
     assert_eq!(r["stdout"], "made\nv2\n/bin/busybox\n", "{r}");
+    // The pids limit holds inside the guest too.
+    let r = d.sh(&vm, "for i in $(seq 40); do sleep 1 & done; wait");
+    assert!(
+        r["stderr"].as_str().unwrap().contains("fork"),
+        "40 processes under pids 16: {r}"
+    );
+    // Once those are gone, a few processes are fine.
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = d.sh(
+        &vm,
+        "for i in $(seq 8); do sleep 0.1 & done; wait; echo fine",
+    );
+    assert_eq!(r["stdout"], "fine\n", "{r}");
     for id in [&vm, &source] {
         let (s, _) = d.call("DELETE", &path(id, ""), None);
         assert_eq!(s, 204);

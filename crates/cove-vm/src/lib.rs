@@ -122,6 +122,9 @@ pub struct VmConfig {
     pub boot_timeout: Option<Duration>,
     /// Cap of the guest's writable layer in MiB; `None` = half the memory.
     pub overlay_size_mib: Option<u64>,
+    /// Most processes the sandbox's programs may have at once (the guest's
+    /// cgroup `pids.max`); `None` = no limit.
+    pub pids: Option<u64>,
 }
 
 impl VmConfig {
@@ -140,6 +143,7 @@ impl VmConfig {
             vmm: VmmChoice::Auto,
             boot_timeout: None,
             overlay_size_mib: None,
+            pids: None,
         }
     }
 }
@@ -499,6 +503,7 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<Launch, VmError> {
         ready_port: Some(READY_PORT),
         root_device: "/dev/vda".into(),
         overlay_size_mib: config.overlay_size_mib,
+        pids_max: config.pids,
     };
     image::write_vm_initramfs(image, &init, &initramfs)?;
 

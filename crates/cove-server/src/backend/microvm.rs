@@ -280,6 +280,7 @@ impl Backend for MicrovmBackend {
         // caps it, but never above half the guest's memory.
         let disk_mib = spec.options.disk.unwrap_or(engine::DEFAULT_DISK) >> 20;
         config.overlay_size_mib = Some(disk_mib.clamp(1, memory_mib / 2));
+        config.pids = spec.options.limits.pids;
         std::fs::create_dir_all(&self.state_root)
             .map_err(|e| BackendError::Failed(format!("{}: {e}", self.state_root.display())))?;
         let vm = Vm::boot(&image, config).await.map_err(vm_error)?;
