@@ -150,6 +150,18 @@ impl Factory {
         }
     }
 
+    /// Start the factory now, so that the first create does not wait for
+    /// it; a failure is logged, and left to `creator` to retry.
+    pub fn warm(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.is_none() {
+            match self.start() {
+                Ok(factory) => *running = Some(factory),
+                Err(err) => tracing::warn!(%err, "cannot start the sandbox factory yet"),
+            }
+        }
+    }
+
     /// A socket on which a fresh creator speaks the helper protocol, or
     /// `None` when no factory can be had (the caller then runs the
     /// one-shot helper).

@@ -68,6 +68,7 @@ pub struct NamespaceBackend {
 impl NamespaceBackend {
     pub fn new(state_root: PathBuf, helper: PathBuf) -> NamespaceBackend {
         let factory = Factory::new(&helper);
+        factory.warm();
         NamespaceBackend {
             state_root,
             helper,
