@@ -228,6 +228,27 @@ impl Vm {
         }
     }
 
+    /// Time left to boot: an error if the VMM has exited or `deadline`
+    /// (`timeout` after the start) has passed, with the console's tail.
+    fn boot_time_left(&self, deadline: Instant, timeout: Duration) -> Result<Duration, VmError> {
+        if !self.is_alive() {
+            return Err(VmError::Stopped {
+                reason: self
+                    .exit_reason()
+                    .unwrap_or_else(|| "the VMM exited during boot".into()),
+                console_tail: self.console_tail(20),
+            });
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(VmError::NotReady {
+                timeout_secs: timeout.as_secs(),
+                console_tail: self.console_tail(20),
+            });
+        }
+        Ok(left)
+    }
+
     /// Wait for the guest's "agent listening" signal on `ready`, then
     /// greet the agent.
     ///
@@ -254,21 +275,10 @@ impl Vm {
                 .and_then(|()| tokio::net::UnixListener::from_std(listener))
                 .map_err(|e| VmError::Transport(format!("ready socket: {e}")))?;
             let waited = loop {
-                if !self.is_alive() {
-                    break Err(VmError::Stopped {
-                        reason: self
-                            .exit_reason()
-                            .unwrap_or_else(|| "the VMM exited during boot".into()),
-                        console_tail: self.console_tail(20),
-                    });
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break Err(VmError::NotReady {
-                        timeout_secs: timeout.as_secs(),
-                        console_tail: self.console_tail(20),
-                    });
-                }
+                let left = match self.boot_time_left(deadline, timeout) {
+                    Ok(left) => left,
+                    Err(err) => break Err(err),
+                };
                 let wait = left.min(Duration::from_millis(100));
                 if let Ok(Ok(_)) = tokio::time::timeout(wait, listener.accept()).await {
                     break Ok(());
@@ -281,21 +291,7 @@ impl Vm {
             waited?;
         }
         loop {
-            if !self.is_alive() {
-                return Err(VmError::Stopped {
-                    reason: self
-                        .exit_reason()
-                        .unwrap_or_else(|| "the VMM exited during boot".into()),
-                    console_tail: self.console_tail(20),
-                });
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(VmError::NotReady {
-                    timeout_secs: timeout.as_secs(),
-                    console_tail: self.console_tail(20),
-                });
-            }
+            let left = self.boot_time_left(deadline, timeout)?;
             let attempt = tokio::time::timeout(left.min(Duration::from_secs(5)), async {
                 let stream = self.transport.connect().await?;
                 cove_protocol::client::AgentClient::connect(stream, "cove-vm-boot")

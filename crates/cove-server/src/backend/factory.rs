@@ -53,17 +53,12 @@ pub fn factory_main() -> i32 {
         // anything; it leaves with `exit`.
         match unsafe { nix::unistd::fork() } {
             Ok(nix::unistd::ForkResult::Child) => {
-                // SAFETY: as above; the creator waits for its own children.
-                unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
-                // The control socket is not the creator's business, but
-                // fd 0 stays taken (by /dev/null): a descriptor the
-                // sandbox keeps must never land on 0-2, which its agent
-                // replaces with its own stdio.
-                match std::fs::File::open("/dev/null") {
-                    Ok(null) => {
-                        let _ = nix::unistd::dup2_stdin(&null);
-                    }
-                    Err(_) => std::process::exit(1),
+                // SAFETY: as above; the creator waits for its own children,
+                // and the control socket is not its business (the fd 0 this
+                // frees is filled again by `cove_isolate::create`).
+                unsafe {
+                    libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+                    libc::close(0);
                 }
                 std::process::exit(serve(UnixStream::from(fd)));
             }

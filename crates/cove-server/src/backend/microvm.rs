@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use cove_vm::{GuestImage, Vm, VmConfig, VmError, VmRecord};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 
-use super::{AgentStream, Backend, BackendError, Instance, SandboxSpec};
+use super::{AgentStream, Backend, BackendError, Instance, SandboxSpec, sandbox_dirs};
 use crate::engine;
 
 /// The template a microVM sandbox gets when the request names none: the
@@ -326,13 +326,7 @@ impl Backend for MicrovmBackend {
     }
 
     fn known_ids(&self) -> Vec<String> {
-        std::fs::read_dir(&self.state_root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with("sbx-"))
-            .collect()
+        sandbox_dirs(&self.state_root)
     }
 
     fn saved_console(&self, id: &str) -> Option<PathBuf> {

@@ -120,3 +120,14 @@ pub trait Instance: Send + Sync + 'static {
         None
     }
 }
+
+/// The sandbox IDs that have a directory under a backend's `state_root`.
+pub(crate) fn sandbox_dirs(state_root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(state_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("sbx-"))
+        .collect()
+}

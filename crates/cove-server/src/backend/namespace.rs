@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::factory::Factory;
-use super::{AgentStream, Backend, BackendError, Instance, SandboxSpec};
+use super::{AgentStream, Backend, BackendError, Instance, SandboxSpec, sandbox_dirs};
 use crate::engine;
 
 /// Run the namespace backend's one-shot helper: read a [`SandboxConfig`]
@@ -224,13 +224,7 @@ impl Backend for NamespaceBackend {
     }
 
     fn known_ids(&self) -> Vec<String> {
-        std::fs::read_dir(&self.state_root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with("sbx-"))
-            .collect()
+        sandbox_dirs(&self.state_root)
     }
 
     fn supports_network(&self) -> bool {
