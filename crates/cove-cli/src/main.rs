@@ -158,6 +158,21 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
+/// Logs go to stderr, filtered by `COVE_LOG` (`tracing` directives). By
+/// default the daemon logs its own info lines and every command warnings;
+/// the plain level filter is cheaper to set up than directives, which
+/// `cove run` would pay on every sandbox.
+fn init_logging(serving: bool) {
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match tracing_subscriber::EnvFilter::try_from_env("COVE_LOG") {
+        Ok(filter) => logs.with_env_filter(filter).init(),
+        Err(_) if serving => logs.with_env_filter("warn,cove_server=info").init(),
+        Err(_) => logs.with_max_level(tracing::Level::WARN).init(),
+    }
+}
+
 fn main() {
     // The daemon's sandbox helper must stay single-threaded: dispatch it
     // before anything else runs.
@@ -166,14 +181,6 @@ fn main() {
         Some("__sandbox-factory") => std::process::exit(cove_server::factory_main()),
         _ => {}
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COVE_LOG")
-                .unwrap_or_else(|_| "warn,cove_server=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -183,6 +190,7 @@ fn main() {
             std::process::exit(code);
         }
     };
+    init_logging(matches!(cli.command, Command::Serve(_)));
     let remote = &cli.remote;
     let result = match cli.command {
         Command::Run(args) => run::run(args, remote),

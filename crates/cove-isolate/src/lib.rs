@@ -140,8 +140,15 @@ impl SandboxRecord {
         state_dir.join("record.json")
     }
 
-    fn save(&self) {
+    /// Write the record. The first write goes straight to its place (the
+    /// state directory is new, so no reader can see an older record);
+    /// later ones replace it atomically.
+    fn save(&self, first: bool) {
         if let Ok(json) = serde_json::to_vec(self) {
+            if first {
+                let _ = fs::write(Self::path(&self.state_dir), json);
+                return;
+            }
             let tmp = self.state_dir.join("record.json.tmp");
             if fs::write(&tmp, json).is_ok() {
                 let _ = fs::rename(&tmp, Self::path(&self.state_dir));
@@ -203,7 +210,7 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(state_dir.join("scratch"))
+        .create(state_dir)
         .map_err(|source| Error::Io {
             action: "create",
             path: state_dir.clone(),
@@ -228,7 +235,7 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
         cgroup: cgroup.clone(),
         state_dir: state_dir.clone(),
     };
-    record.save();
+    record.save(true);
     let fail = |err: Error| {
         let _ = cgroup.remove(Duration::from_secs(1));
         cleanup_dir();
@@ -314,8 +321,13 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
             return Err(fail(Error::Sys(format!("pidfd_open: {e}"))));
         }
     };
-    record.pid = pid.as_raw();
-    record.save();
+    // Only a sandbox that outlives its creator is ever found again by its
+    // agent's PID; one bound to its creator (`cove run`) is cleaned up
+    // through its cgroups, which the first record already names.
+    if !config.die_with_parent {
+        record.pid = pid.as_raw();
+        record.save(false);
+    }
     Ok(Sandbox {
         id: config.id.clone(),
         pid: pid.as_raw(),
@@ -436,7 +448,9 @@ fn setup(
     };
 
     rootfs::hold_locks(&config.rootfs.locks, keep)?;
-    rootfs::enter(&config.rootfs, &config.state_dir.join("scratch"))?;
+    // The sandbox's own tmpfs goes over its state directory, in its own
+    // mount namespace only: the host keeps seeing the record.
+    rootfs::enter(&config.rootfs, &config.state_dir)?;
     keep.push(rootfs::UPPER_FD);
     nix::unistd::sethostname(&config.id)
         .map_err(|e| SetupError::Other(format!("sethostname: {e}")))?;

@@ -1,7 +1,8 @@
 //! The sandbox's root filesystem, built inside its own mount namespace.
 //!
 //! ```text
-//!  <state>/scratch            tmpfs, size = the sandbox's disk limit
+//!  <state>                    tmpfs, size = the sandbox's disk limit (over
+//!                             the state directory, seen only in here)
 //!    ├── upper/ work/         the writable overlay layer
 //!    ├── files/               generated /etc/hosts, /etc/hostname
 //!    └── root/                overlay(lower = template layers, upper)
