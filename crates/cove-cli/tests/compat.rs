@@ -348,6 +348,31 @@ fn hopx_commands_run() {
         json!({"command": "git clone https://github.com/user/repo.git && cd repo && git log -1", "working_dir": "/workspace", "timeout": 60}),
     );
     assert_eq!(s, 500, "no network in a default sandbox");
+    // The seed's build-and-test example: its project directory does not
+    // exist in a fresh sandbox, which is a 400 naming it; once it exists
+    // the command runs there (and fails: no npm, or no package.json and
+    // no network).
+    let build = json!({"command": "npm install && npm test", "working_dir": "/workspace/project", "timeout": 300});
+    let (s, e) = run(build.clone());
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (400, Some("INVALID_REQUEST")),
+        "{e}"
+    );
+    assert!(
+        e["error"].as_str().unwrap().contains("/workspace/project"),
+        "{e}"
+    );
+    let (s, _) = run(json!({"command": "mkdir -p /workspace/project"}));
+    assert_eq!(s, 200);
+    let (s, r) = run(build);
+    assert_eq!(s, 500, "{r}");
+    assert!(r["exit_code"].as_i64().is_some_and(|c| c != 0), "{r}");
+    let (s, r) = run(json!({"command": "pwd", "working_dir": "/workspace/project"}));
+    assert_eq!(
+        (s, r["stdout"].as_str()),
+        (200, Some("/workspace/project\n"))
+    );
     let (s, _) = run(
         json!({"command": "mkdir -p /workspace/output && python process.py && mv result.csv /workspace/output/", "working_dir": "/workspace"}),
     );
@@ -709,4 +734,269 @@ fn declaw_lifecycle_pause_on_timeout_and_auto_resume() {
     );
     assert_eq!(s, 400);
     assert!(e["message"].as_str().unwrap().contains("on_timeout"));
+}
+
+// ------------------------------------------------- requests that fit no route
+
+/// Send `body` as it is (not JSON-encoded) with the admin key.
+fn send_raw(d: &Daemon, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let resp = d
+        .http
+        .request(method, format!("{}{path}", d.url))
+        .bearer_auth(&d.admin)
+        .header("X-API-Key", &d.admin)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("{path}: the body is not JSON: {text:?}"));
+    (status, value)
+}
+
+#[test]
+fn unknown_routes_wrong_methods_and_bad_json_answer_in_each_dialect() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    // Which dialect's envelope a body is; the codes tell Hyperfleet's
+    // (upper case) from the native one (snake case).
+    let shape = |b: &Value| -> &'static str {
+        let obj = b.as_object().unwrap();
+        if b["statusCode"].is_u64() && b["message"].is_string() && b["error"].is_string() {
+            "gbox"
+        } else if b["error"].is_string() && b["code"].is_string() && obj.len() == 2 {
+            "hopx"
+        } else if b["message"].is_string() && obj.len() == 1 {
+            "declaw"
+        } else if native_envelope(b) {
+            let code = b["error"]["code"].as_str().unwrap();
+            if code.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                "hyperfleet"
+            } else {
+                "native"
+            }
+        } else {
+            "unknown"
+        }
+    };
+    let cases = [
+        // An unknown path under each base.
+        ("GET", "/machines/m-1/bogus", "", 404, "hyperfleet"),
+        ("GET", "/hopx/sbx-x/bogus", "", 404, "hopx"),
+        ("GET", "/api/v1/bogus", "", 404, "gbox"),
+        ("GET", "/sandboxes/sbx-x/bogus", "", 404, "declaw"),
+        ("GET", "/v1/bogus", "", 404, "native"),
+        // A known path with a method it does not take.
+        ("PUT", "/machines", "", 405, "hyperfleet"),
+        ("GET", "/hopx/sbx-x/commands/run", "", 405, "hopx"),
+        ("PATCH", "/api/v1/boxes", "", 405, "gbox"),
+        ("GET", "/sandboxes/sbx-x/commands", "", 405, "declaw"),
+        ("PUT", "/v1/sandboxes", "", 405, "native"),
+        // A body that is not JSON, on each dialect's exec call.
+        ("POST", "/machines/m-1/exec", "{not json", 400, "hyperfleet"),
+        ("POST", "/hopx/sbx-x/commands/run", "{not json", 400, "hopx"),
+        (
+            "POST",
+            "/api/v1/boxes/b-1/commands",
+            "{not json",
+            400,
+            "gbox",
+        ),
+        (
+            "POST",
+            "/sandboxes/sbx-x/commands",
+            "{not json",
+            400,
+            "declaw",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/sbx-x/exec",
+            "{not json",
+            400,
+            "native",
+        ),
+    ];
+    for (method, path, body, status, dialect) in cases {
+        let (s, b) = send_raw(&d, method, path, body);
+        assert_eq!(s, status, "{method} {path}: {b}");
+        assert_eq!(shape(&b), dialect, "{method} {path}: {b}");
+        let text = b.to_string();
+        assert!(!text.contains("panicked"), "{method} {path}: {b}");
+    }
+    // The codes a client matches on.
+    let (_, b) = send_raw(&d, "GET", "/hopx/sbx-x/commands/run", "");
+    assert_eq!(b["code"], "METHOD_NOT_ALLOWED");
+    let (_, b) = send_raw(&d, "GET", "/machines/m-1/bogus", "");
+    assert_eq!(b["error"]["code"], "NOT_FOUND");
+    let (_, b) = send_raw(&d, "PATCH", "/api/v1/boxes", "");
+    assert_eq!(b["statusCode"], 405);
+}
+
+// ------------------------------------------- paging, expiry and other details
+
+#[test]
+fn paging_expiry_stderr_streams_and_unreachable_agents() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        send(&d, method, path, body, ("x-api-key", &key))
+    };
+
+    // Hyperfleet: a machine as GET returns it; limit/offset pages.
+    let mut machines = Vec::new();
+    for n in 0..3 {
+        let (s, m) = call(
+            "POST",
+            "/machines",
+            Some(json!({"name": format!("page-{n}"), "vcpu_count": 1, "mem_size_mib": 128})),
+        );
+        assert_eq!(s, 201, "{m}");
+        machines.push(m["id"].as_str().unwrap().to_string());
+    }
+    let (s, m) = call("GET", &format!("/machines/{}", machines[1]), None);
+    assert_eq!((s, m["name"].as_str()), (200, Some("page-1")), "{m}");
+    assert_eq!(m["id"], machines[1].as_str());
+    assert!(
+        m["status"].is_string() && m["created_at"].is_string(),
+        "{m}"
+    );
+    let mut seen = Vec::new();
+    for offset in [0, 2] {
+        let (s, page) = call("GET", &format!("/machines?limit=2&offset={offset}"), None);
+        assert_eq!((s, page["total"].as_u64()), (200, Some(3)), "{page}");
+        for m in page["machines"].as_array().unwrap() {
+            seen.push(m["id"].as_str().unwrap().to_string());
+        }
+    }
+    seen.sort();
+    let mut want = machines.clone();
+    want.sort();
+    assert_eq!(seen, want, "two pages hold each machine once");
+
+    // GBOX: a box's own workingDir; expiresIn running out stops the box.
+    let (s, b) = call(
+        "POST",
+        "/api/v1/boxes/linux",
+        Some(json!({"config": {"workingDir": "/tmp", "expiresIn": "2s"}})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    assert_eq!(b["config"]["workingDir"], "/tmp");
+    let (s, r) = call(
+        "POST",
+        &format!("/api/v1/boxes/{id}/commands"),
+        Some(json!({"command": "pwd"})),
+    );
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("/tmp\n")), "{r}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, b) = call("GET", &format!("/api/v1/boxes/{id}"), None);
+        if b["status"] == "stopped" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not stopped: {b}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // Declaw: next_token pages through every sandbox once.
+    let mut sandboxes = Vec::new();
+    for _ in 0..3 {
+        let (s, sbx) = call("POST", "/sandboxes", Some(json!({"timeout": 300})));
+        assert_eq!(s, 201, "{sbx}");
+        sandboxes.push(sbx["sandbox_id"].as_str().unwrap().to_string());
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let (s, page) = call(
+            "GET",
+            &format!("/sandboxes?limit=2&next_token={token}"),
+            None,
+        );
+        assert_eq!(s, 200, "{page}");
+        let items = page["sandboxes"].as_array().unwrap();
+        assert!(items.len() <= 2, "{page}");
+        seen.extend(
+            items
+                .iter()
+                .map(|s| s["sandbox_id"].as_str().unwrap().to_string()),
+        );
+        match page["next_token"].as_str() {
+            Some(t) if !t.is_empty() => token = t.to_string(),
+            _ => break,
+        }
+    }
+    for id in &sandboxes {
+        assert_eq!(
+            seen.iter().filter(|s| *s == id).count(),
+            1,
+            "{id} in {seen:?}"
+        );
+    }
+
+    // Declaw's run-stream carries stderr as its own events.
+    let sbx = &sandboxes[0];
+    let resp = d
+        .http
+        .post(format!("{}/sandboxes/{sbx}/commands/stream", d.url))
+        .header("X-API-Key", &key)
+        .json(&json!({"cmd": "echo out; echo err >&2; exit 2"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().unwrap();
+    let events: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |stream: &str| -> String {
+        events
+            .iter()
+            .filter(|v| v["stream"] == stream)
+            .map(|v| v["data"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        (of("stdout"), of("stderr")),
+        ("out\n".into(), "err\n".into()),
+        "{body}"
+    );
+    assert!(body.contains("event: stderr"), "{body}");
+    assert_eq!(events.last().unwrap()["exit_code"], 2, "{body}");
+
+    // Declaw: an agent that does not answer is a 502 with a message.
+    let agents_before = d.agents();
+    let (s, _) = call(
+        "POST",
+        &format!("/sandboxes/{sbx}/commands"),
+        Some(json!({"cmd": "true"})),
+    );
+    assert_eq!(s, 200);
+    let stopped: Vec<_> = agents_before
+        .iter()
+        .map(|&pid| nix::unistd::Pid::from_raw(pid))
+        .collect();
+    for &pid in &stopped {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
+    let (s, e) = call(
+        "POST",
+        &format!("/sandboxes/{sbx}/commands"),
+        Some(json!({"cmd": "true"})),
+    );
+    for &pid in &stopped {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    }
+    assert_eq!(s, 502, "{e}");
+    assert!(e["message"].is_string() && !native_envelope(&e), "{e}");
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use cove_api::ErrorCode;
@@ -196,20 +196,63 @@ async fn count(
     response
 }
 
-async fn no_route() -> Response {
-    ApiError::new(
-        ErrorCode::NoRoute,
-        "no such endpoint; see /openapi.json for the API",
+async fn no_route(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    compat::render_for_path(
+        path,
+        ApiError::new(
+            ErrorCode::NoRoute,
+            format!("no such endpoint: {method} {path}"),
+        ),
     )
-    .into_response()
+    .unwrap_or_else(|| {
+        ApiError::new(
+            ErrorCode::NoRoute,
+            format!("no such endpoint: {method} {path}; see /openapi.json for the API"),
+        )
+        .into_response()
+    })
 }
 
-async fn wrong_method() -> Response {
-    ApiError::new(
-        ErrorCode::MethodNotAllowed,
-        "this endpoint does not accept that method",
+async fn wrong_method(method: Method, uri: Uri) -> Response {
+    unrouted(
+        uri.path(),
+        ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{} does not accept {method}", uri.path()),
+        ),
     )
-    .into_response()
+}
+
+/// `err` in the shape of the API `path` belongs to (a dialect's or the
+/// native one).
+fn unrouted(path: &str, err: ApiError) -> Response {
+    compat::render_for_path(path, err.clone()).unwrap_or_else(|| err.into_response())
+}
+
+/// Answer a handler's panic with a 500 in its API's error shape instead of
+/// a dropped connection. The panic is logged; the daemon goes on.
+async fn shield(req: Request, next: Next) -> Response {
+    use futures::FutureExt;
+    let path = req.uri().path().to_owned();
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => response,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            tracing::error!(%path, panic = %what, "a request handler panicked");
+            unrouted(
+                &path,
+                ApiError::internal("internal error: the request failed inside cove (logged)"),
+            )
+        }
+    }
 }
 
 /// Routes of the native API, without state.
@@ -305,6 +348,7 @@ pub fn app(state: AppState, extra: Router<AppState>) -> Router {
         .merge(extra)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn(shield))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(

@@ -42,7 +42,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/sandboxes/{id}/commands/{pid}/stdin", post(send_stdin))
 }
 
-fn render(err: ApiError) -> Response {
+pub(super) fn render(err: ApiError) -> Response {
     let (status, message) = match err.code {
         ErrorCode::InvalidRequest | ErrorCode::UnsupportedMediaType => {
             (StatusCode::BAD_REQUEST, err.message)
@@ -50,6 +50,7 @@ fn render(err: ApiError) -> Response {
         ErrorCode::Unauthorized => (StatusCode::UNAUTHORIZED, err.message),
         ErrorCode::Forbidden => (StatusCode::FORBIDDEN, err.message),
         ErrorCode::NotFound | ErrorCode::NoRoute => (StatusCode::NOT_FOUND, err.message),
+        ErrorCode::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, err.message),
         ErrorCode::SandboxPaused => (
             StatusCode::CONFLICT,
             format!(

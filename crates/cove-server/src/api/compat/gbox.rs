@@ -33,7 +33,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/api/v1/boxes/{id}/commands", post(commands))
 }
 
-fn render(err: ApiError) -> Response {
+pub(super) fn render(err: ApiError) -> Response {
     let status = match err.code {
         ErrorCode::InvalidRequest | ErrorCode::SandboxStopped | ErrorCode::UnsupportedMediaType => {
             StatusCode::BAD_REQUEST
@@ -41,6 +41,7 @@ fn render(err: ApiError) -> Response {
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::SandboxPaused | ErrorCode::Conflict => StatusCode::CONFLICT,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Timeout => StatusCode::REQUEST_TIMEOUT,

@@ -24,12 +24,13 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new().route("/hopx/{id}/commands/run", post(commands_run))
 }
 
-fn render(err: ApiError) -> Response {
+pub(super) fn render(err: ApiError) -> Response {
     let (status, code) = match err.code {
         ErrorCode::InvalidRequest => (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
         ErrorCode::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
         ErrorCode::Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN"),
         ErrorCode::NotFound | ErrorCode::NoRoute => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        ErrorCode::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
         ErrorCode::SandboxPaused | ErrorCode::Conflict => (StatusCode::CONFLICT, "CONFLICT"),
         ErrorCode::SandboxStopped => (StatusCode::GONE, "SANDBOX_STOPPED"),
         ErrorCode::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),

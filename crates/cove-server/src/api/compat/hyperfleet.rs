@@ -45,12 +45,13 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 }
 
 /// A native error in Hyperfleet's terms.
-fn render(err: ApiError) -> Response {
+pub(super) fn render(err: ApiError) -> Response {
     let (status, code) = match err.code {
         ErrorCode::InvalidRequest => (StatusCode::BAD_REQUEST, "VALIDATION_ERROR"),
         ErrorCode::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
         ErrorCode::Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN"),
         ErrorCode::NotFound | ErrorCode::NoRoute => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        ErrorCode::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
         ErrorCode::SandboxPaused | ErrorCode::SandboxStopped | ErrorCode::Conflict => {
             (StatusCode::BAD_REQUEST, "BAD_REQUEST")
         }

@@ -40,6 +40,28 @@ pub fn routes() -> Router<AppState> {
         .merge(declaw::routes())
 }
 
+/// `err` in the error shape of the dialect that owns `path`, or `None` for
+/// a path of no dialect (the native API's). Requests that reach no handler
+/// (an unknown path, a wrong method, a handler that panicked) are answered
+/// through this, so a dialect's client never sees another's envelope.
+pub(crate) fn render_for_path(path: &str, err: ApiError) -> Option<axum::response::Response> {
+    let under = |base: &str| {
+        path.strip_prefix(base)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    if under("/machines") {
+        Some(hyperfleet::render(err))
+    } else if path.starts_with("/hopx/") {
+        Some(hopx::render(err))
+    } else if under("/api/v1") {
+        Some(gbox::render(err))
+    } else if under("/sandboxes") {
+        Some(declaw::render(err))
+    } else {
+        None
+    }
+}
+
 /// A dialect request: the caller and the JSON body.
 pub(crate) struct Call {
     pub who: Principal,
