@@ -366,3 +366,61 @@ pub fn app(state: AppState, extra: Router<AppState>) -> Router {
         .layer(SetRequestIdLayer::x_request_id(ids))
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A handler that panics is a 500 in the envelope of its path's API,
+    /// and the router goes on serving.
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_500_in_its_dialect() {
+        async fn boom() -> &'static str {
+            panic!("boom")
+        }
+        let app: Router = Router::new()
+            .route("/machines/boom", get(boom))
+            .route("/sandboxes/boom", get(boom))
+            .route("/v1/boom", get(boom))
+            .route("/v1/fine", get(|| async { "fine" }))
+            .layer(axum::middleware::from_fn(shield));
+        let call = |path: &'static str| {
+            let app = app.clone();
+            async move {
+                let response = app
+                    .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&body).ok(),
+                )
+            }
+        };
+        let (status, body) = call("/machines/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body.unwrap()["error"]["code"], "INTERNAL_ERROR");
+        let (status, body) = call("/sandboxes/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let body = body.unwrap();
+        assert!(
+            body["message"].is_string() && body.get("error").is_none(),
+            "{body}"
+        );
+        let (status, body) = call("/v1/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body.unwrap()["error"]["code"], "internal");
+        let (status, _) = call("/v1/fine").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
