@@ -439,3 +439,121 @@ fn file_helpers_like_std_fs() {
         sandbox.kill().await.unwrap();
     });
 }
+
+#[test]
+fn stderr_pipe_and_envs() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    runtime().block_on(async {
+        let sandbox = client(&d).create(SandboxSpec::new()).await.unwrap();
+
+        // stderr as its own AsyncRead, apart from stdout.
+        let mut child = sandbox
+            .command("sh")
+            .args(["-c", "echo out; echo err1 >&2; echo err2 >&2; exit 4"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(out, b"out\n");
+        assert_eq!(err, b"err1\nerr2\n");
+        assert_eq!(child.wait().await.unwrap().code(), Some(4));
+
+        // envs() sets several at once, over the sandbox's environment, and
+        // a later env() of the same name wins.
+        let out = sandbox
+            .command("sh")
+            .args(["-c", "echo $A-$B-$C"])
+            .envs([("A", "1"), ("B", "2")])
+            .envs(vec![("C".to_string(), "3".to_string())])
+            .env("B", "two")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "1-two-3\n");
+        sandbox.kill().await.unwrap();
+    });
+}
+
+/// The SDK's example programs, built by scripts/test.sh, run against a real
+/// daemon found through `COVE_URL` and `COVE_KEY` (`Client::from_env`).
+#[test]
+fn the_examples_run_against_a_daemon() {
+    if !root() {
+        return;
+    }
+    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
+    let examples = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples");
+    if !examples.join("hello").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} has no examples: scripts/test.sh builds them \
+             (cargo build --workspace --examples)",
+            examples.display()
+        );
+        eprintln!("skipped: build the examples first (cargo build --examples)");
+        return;
+    }
+    let d = Daemon::start();
+    let run = |name: &str| {
+        let out = std::process::Command::new(examples.join(name))
+            .env("COVE_URL", &d.url)
+            .env("COVE_KEY", &d.admin)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{name}: {}\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let hello = run("hello");
+    assert!(hello.starts_with("created sbx-"), "{hello}");
+    assert!(hello.contains("hello from sbx-"), "{hello}");
+    assert!(hello.contains("exit code Some(3)"), "{hello}");
+    assert!(hello.contains("timed out: true"), "{hello}");
+    let pipes = run("pipes");
+    assert!(pipes.contains("exited with"), "{pipes}");
+    run("blocking");
+    // Each example deleted its sandbox.
+    let (_, list) = d.call("GET", "/v1/sandboxes", None);
+    let sandboxes = list["sandboxes"].as_array().unwrap();
+    assert_eq!(sandboxes.len(), 3, "{list}");
+    for s in sandboxes {
+        let end = (s["state"].as_str(), s["reason"].as_str());
+        assert_eq!(end, (Some("stopped"), Some("deleted")), "{list}");
+    }
+    // A wrong key is an error from from_env's client, not a panic.
+    let out = std::process::Command::new(examples.join("hello"))
+        .env("COVE_URL", &d.url)
+        .env("COVE_KEY", "cove_wrong")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401")
+            || String::from_utf8_lossy(&out.stderr)
+                .to_lowercase()
+                .contains("key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

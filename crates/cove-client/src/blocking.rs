@@ -69,6 +69,7 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// The sandbox's ID (`sbx-…`).
     pub fn id(&self) -> &str {
         self.inner.id()
     }

@@ -44,14 +44,17 @@ pub enum Stdio {
 }
 
 impl Stdio {
+    /// [`Stdio::Inherit`], as [`std::process::Stdio::inherit`].
     pub fn inherit() -> Stdio {
         Stdio::Inherit
     }
 
+    /// [`Stdio::Null`], as [`std::process::Stdio::null`].
     pub fn null() -> Stdio {
         Stdio::Null
     }
 
+    /// [`Stdio::Piped`], as [`std::process::Stdio::piped`].
     pub fn piped() -> Stdio {
         Stdio::Piped
     }
@@ -125,8 +128,11 @@ impl std::fmt::Display for ExitStatus {
 /// Everything a finished command wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
+    /// How the process ended.
     pub status: ExitStatus,
+    /// Everything it wrote to stdout.
     pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
     pub stderr: Vec<u8>,
 }
 
@@ -251,16 +257,27 @@ impl Command {
         self
     }
 
+    /// Where stdin comes from. The default is empty for
+    /// [`output`](Self::output) and [`combined_output`](Self::combined_output),
+    /// this process's stdin for [`status`](Self::status) and
+    /// [`spawn`](Self::spawn); [`stdin_bytes`](Self::stdin_bytes) wins over it.
     pub fn stdin(&mut self, stdin: Stdio) -> &mut Self {
         self.stdin = Some(stdin);
         self
     }
 
+    /// Where stdout goes. The default is captured for
+    /// [`output`](Self::output), this process's stdout for
+    /// [`status`](Self::status) and [`spawn`](Self::spawn).
     pub fn stdout(&mut self, stdout: Stdio) -> &mut Self {
         self.stdout = Some(stdout);
         self
     }
 
+    /// Where stderr goes. The default is captured for
+    /// [`output`](Self::output), this process's stderr for
+    /// [`status`](Self::status) and [`spawn`](Self::spawn);
+    /// [`combined_output`](Self::combined_output) ignores it.
     pub fn stderr(&mut self, stderr: Stdio) -> &mut Self {
         self.stderr = Some(stderr);
         self

@@ -23,6 +23,8 @@
 //!
 //! Runnable programs are in `crates/cove-client/examples/`.
 
+#![warn(missing_docs)]
+
 pub mod blocking;
 pub mod command;
 pub mod files;
@@ -50,27 +52,47 @@ use serde::de::DeserializeOwned;
 /// The daemon's address unless `COVE_URL` says otherwise.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7411";
 
+/// What can go wrong in a call of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The daemon answered with an error.
     #[error("{message} ({code}, HTTP {status})")]
     Api {
+        /// The HTTP status, such as 404.
         status: u16,
+        /// The API error code, such as `not_found` (`http_error` when the
+        /// body was not a cove error).
         code: String,
+        /// The daemon's message (or the raw body).
         message: String,
     },
     /// The daemon could not be reached.
     #[error("cannot reach cove at {url}: {source}")]
-    Connect { url: String, source: reqwest::Error },
+    Connect {
+        /// The daemon's base URL.
+        url: String,
+        /// Why the connection failed.
+        source: reqwest::Error,
+    },
+    /// The HTTP exchange failed after connecting: the connection broke
+    /// off, or a response body could not be read.
     #[error("HTTP error: {0}")]
     Http(#[from] reqwest::Error),
+    /// The daemon's answer was not what the client expected (not the
+    /// expected JSON), or a command's connection ended without an exit status.
     #[error("unexpected answer from the daemon: {0}")]
     Decode(String),
+    /// A problem on the client's side: a bad URL or API key, a runtime or
+    /// WebSocket that failed, a local file that cannot be opened, a
+    /// template with nothing to run. The message says which.
     #[error("{0}")]
     Config(String),
     /// A command ended unsuccessfully ([`Command::run`]).
     #[error("the command failed: {0}")]
     Exit(ExitStatus),
+    /// An I/O error: reading a child's piped output failed, or a file's
+    /// contents were unusable ([`Sandbox::read_to_string`] of non-UTF-8
+    /// bytes, [`Sandbox::read_dir`] of a directory over the listing limit).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -130,6 +152,7 @@ impl Client {
         Ok(Client::new(url, key))
     }
 
+    /// The daemon's URL, without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.base
     }
@@ -213,16 +236,23 @@ impl Client {
         self.json(Method::GET, &path, None::<&()>).await
     }
 
+    /// Describe a sandbox, also one that ended recently. An unknown ID, or
+    /// another owner's sandbox, is a 404 [`Error::Api`] (`not_found`).
     pub async fn get_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(Method::GET, &format!("/v1/sandboxes/{id}"), None::<&()>)
             .await
     }
 
+    /// Destroy a sandbox and everything in it. Deleting a sandbox that has
+    /// already ended succeeds; an unknown ID is a 404.
     pub async fn delete_sandbox(&self, id: &str) -> Result<(), Error> {
         self.empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
             .await
     }
 
+    /// Freeze every process of a sandbox (memory is kept); returns the
+    /// sandbox as it is now. Pausing a paused sandbox succeeds; one still
+    /// starting is a 503, one that has ended a 410.
     pub async fn pause_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(
             Method::POST,
@@ -232,6 +262,9 @@ impl Client {
         .await
     }
 
+    /// Thaw a paused sandbox; returns the sandbox as it is now. Resuming a
+    /// running sandbox succeeds; one still starting is a 503, one that has
+    /// ended a 410.
     pub async fn resume_sandbox(&self, id: &str) -> Result<cove_api::Sandbox, Error> {
         self.json(
             Method::POST,
@@ -260,18 +293,25 @@ impl Client {
             .await
     }
 
+    /// Create an API key; needs an admin key. The secret is in the
+    /// answer's `key` field, shown this once and never again.
     pub async fn create_key(&self, req: &CreateKeyRequest) -> Result<KeyCreated, Error> {
         self.json(Method::POST, "/v1/keys", Some(req)).await
     }
 
+    /// Every API key, revoked ones included, without their secrets; needs
+    /// an admin key.
     pub async fn list_keys(&self) -> Result<KeyList, Error> {
         self.json(Method::GET, "/v1/keys", None::<&()>).await
     }
 
+    /// Revoke an API key; it stops working at once. Needs an admin key; an
+    /// unknown or already revoked key is a 404.
     pub async fn revoke_key(&self, id: &str) -> Result<(), Error> {
         self.empty(Method::DELETE, &format!("/v1/keys/{id}")).await
     }
 
+    /// Every template sandboxes can start from.
     pub async fn templates(&self) -> Result<TemplateList, Error> {
         self.json(Method::GET, "/v1/templates", None::<&()>).await
     }
@@ -349,15 +389,28 @@ pub mod process {
     #[derive(Debug, Clone, PartialEq)]
     pub enum StreamEvent {
         /// The process started (`exec/stream` only).
-        Start { pid: u32 },
+        Start {
+            /// The process ID inside the sandbox.
+            pid: u32,
+        },
         /// Output bytes of `stream` ("stdout"/"stderr") starting at `offset`.
         Output {
+            /// `"stdout"` or `"stderr"`.
             stream: String,
+            /// The position of the first byte of `data` in its stream.
             offset: u64,
+            /// The bytes, decoded (base64 on the wire is undone).
             data: Vec<u8>,
         },
         /// Bytes the replay buffer lost before this reader got them.
-        Dropped { stream: String, from: u64, to: u64 },
+        Dropped {
+            /// `"stdout"` or `"stderr"`.
+            stream: String,
+            /// The offset of the first lost byte.
+            from: u64,
+            /// The offset just past the last lost byte.
+            to: u64,
+        },
         /// The process ended.
         Exit(cove_api::ExitInfo),
         /// The daemon lost the sandbox's agent.
@@ -459,6 +512,8 @@ pub mod process {
             Ok(started.pid)
         }
 
+        /// The processes of a sandbox: running ones, and background ones
+        /// that finished recently; oldest first.
         pub async fn processes(&self, id: &str) -> Result<ProcessList, Error> {
             self.json(
                 Method::GET,
@@ -468,6 +523,8 @@ pub mod process {
             .await
         }
 
+        /// Describe one process. An unknown `pid`, or one that finished
+        /// long ago, is a 404.
         pub async fn process(&self, id: &str, pid: u32) -> Result<ProcessInfo, Error> {
             self.json(
                 Method::GET,
@@ -518,6 +575,8 @@ pub mod process {
             Ok(written.bytes)
         }
 
+        /// Close a process's stdin, so it reads end of file. Closing it
+        /// again succeeds; an unknown `pid` is a 404.
         pub async fn close_stdin(&self, id: &str, pid: u32) -> Result<(), Error> {
             let _: ProcessInfo = self
                 .json(

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+/// Whether this process runs as root (effective uid 0); root gets the
+/// system-wide directories.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -76,11 +76,15 @@ impl SandboxSpec {
         self
     }
 
+    /// Add a label, which the sandbox listing can filter by
+    /// (`label=key=value` in [`Client::list_sandboxes`]).
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.request.labels.insert(key.into(), value.into());
         self
     }
 
+    /// Keep a free-form JSON value under `key` with the sandbox; it comes
+    /// back in [`Sandbox::info`].
     pub fn metadata(mut self, key: impl Into<String>, value: serde_json::Value) -> Self {
         self.request.metadata.insert(key.into(), value);
         self
