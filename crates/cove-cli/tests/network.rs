@@ -28,6 +28,11 @@ fn host(cmd: &str) -> (bool, String) {
 fn have_tools() -> bool {
     let ok = host("command -v nft && command -v ip && command -v python3").0;
     if !ok {
+        // scripts/test.sh installs them: under CI their absence is a failure.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "needs nft (nftables), ip (iproute2) and python3, and CI is set"
+        );
         eprintln!("skipped: needs nft (nftables), ip (iproute2) and python3");
     }
     ok
