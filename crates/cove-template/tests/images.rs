@@ -33,12 +33,60 @@ macro_rules! need_root {
     };
 }
 
+/// A file capability, as `setcap cap_net_bind_service+ep` writes it
+/// (`vfs_cap_data` revision 2, effective, bit 10 permitted).
+const CAP_NET_BIND: &[u8] = &[
+    0x01, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+/// Records every progress report of an import or pull.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, String, u64, u64)>>);
+
+impl cove_template::Observer for Recorder {
+    fn layer(&self, layer: &str, phase: &str, done: u64, total: u64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((layer.into(), phase.into(), done, total));
+    }
+}
+
+impl Recorder {
+    /// The layers reported, in order of first report.
+    fn layers(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (layer, ..) in self.0.lock().unwrap().iter() {
+            if !out.contains(layer) {
+                out.push(layer.clone());
+            }
+        }
+        out
+    }
+
+    /// The phases reported for `layer`, in order, repeats folded.
+    fn phases(&self, layer: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (l, phase, ..) in self.0.lock().unwrap().iter() {
+            if l == layer && out.last() != Some(phase) {
+                out.push(phase.clone());
+            }
+        }
+        out
+    }
+}
+
 /// The base layer: busybox, plus a hard link, an xattr, and files the
 /// top layer deletes or hides.
 fn base_layer() -> Vec<u8> {
     common::busybox_layer(&[
         Entry::Dir("data/"),
         Entry::FileX("data/tagged", b"tagged", &[("user.cove.test", b"kept")]),
+        Entry::FileX(
+            "data/capable",
+            b"cap",
+            &[("security.capability", CAP_NET_BIND)],
+        ),
         Entry::File("data/original", b"linked twice", 0o644),
         Entry::HardLink("data/link", "data/original"),
         Entry::File("etc/motd", b"deleted above", 0o644),
@@ -104,6 +152,11 @@ fn check_image(store: &TemplateStore, name: &str, base: &[u8], top: &[u8]) {
         Some(b"kept".to_vec())
     );
     assert_eq!(
+        xattr::get(base_fs.join("data/capable"), "security.capability").unwrap(),
+        Some(CAP_NET_BIND.to_vec()),
+        "a file capability survives"
+    );
+    assert_eq!(
         fs::read_link(base_fs.join("bin/sh")).unwrap(),
         Path::new("busybox")
     );
@@ -124,11 +177,37 @@ fn oci_layout_and_docker_archive_share_their_layers() {
         &[base.clone(), top.clone()],
         common::run_settings(),
     );
+    let progress = Recorder::default();
     store
-        .import("app", &layout, &ImportOptions::default(), &Quiet)
+        .import("app", &layout, &ImportOptions::default(), &progress)
         .unwrap();
     check_image(&store, "app", &base, &top);
     assert_eq!(store.layers().all().len(), 2);
+    // Progress per layer: each extracted, verified and done, its byte
+    // count never going back, and done at its total.
+    let layers = progress.layers();
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    for layer in &layers {
+        let phases = progress.phases(layer);
+        assert!(
+            phases.contains(&"extract".to_string()),
+            "{layer}: {phases:?}"
+        );
+        assert_eq!(
+            phases.last().map(String::as_str),
+            Some("done"),
+            "{layer}: {phases:?}"
+        );
+        let events = progress.0.lock().unwrap();
+        let extract: Vec<u64> = events
+            .iter()
+            .filter(|(l, p, ..)| l == layer && p == "extract")
+            .map(|e| e.2)
+            .collect();
+        assert!(extract.windows(2).all(|w| w[0] <= w[1]), "{extract:?}");
+        let done = events.iter().rfind(|(l, ..)| l == layer).unwrap();
+        assert!(done.2 > 0 && done.2 == done.3, "{done:?}");
+    }
 
     // The same image as a docker archive: a second template, no new layer.
     let archive = dir.path().join("app.tar");
@@ -137,11 +216,21 @@ fn oci_layout_and_docker_archive_share_their_layers() {
         &[base.clone(), top.clone()],
         common::run_settings(),
     );
+    let progress = Recorder::default();
     store
-        .import("app-docker", &archive, &ImportOptions::default(), &Quiet)
+        .import("app-docker", &archive, &ImportOptions::default(), &progress)
         .unwrap();
     check_image(&store, "app-docker", &base, &top);
     assert_eq!(store.layers().all().len(), 2);
+    let layers = progress.layers();
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    for layer in &layers {
+        assert_eq!(
+            progress.phases(layer),
+            ["exists"],
+            "{layer}: already stored"
+        );
+    }
 
     // An OCI layout packed in a tar works too.
     let packed = dir.path().join("layout.tar");
