@@ -565,6 +565,62 @@ fn pull_from_a_local_registry() {
 }
 
 #[test]
+fn pull_from_a_registry_that_requires_a_login() {
+    need_root!();
+    let Some(registry) = Registry::start_with_auth("cove", "s3cret pass") else {
+        return;
+    };
+    let rt = runtime();
+    let (base, top) = (base_layer(), top_layer());
+    let reference = rt.block_on(registry.push(
+        "private/app:v1",
+        &[base.clone(), top.clone()],
+        common::run_settings(),
+    ));
+    let (dir, store) = store();
+    let as_user = |name: &str, user: Option<&str>, password: Option<&str>| PullOptions {
+        username: user.map(String::from),
+        password: password.map(String::from),
+        ..local(name)
+    };
+
+    // Anonymous: refused, with a hint about credentials.
+    let err = rt
+        .block_on(store.pull(&reference, &as_user("anon", None, None), Arc::new(Quiet)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--username"), "{err}");
+    // A wrong password: refused too.
+    let err = rt
+        .block_on(store.pull(
+            &reference,
+            &as_user("wrong", Some("cove"), Some("nope")),
+            Arc::new(Quiet),
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("401")
+            || err.to_lowercase().contains("unauthorized")
+            || err.contains("--username"),
+        "{err}"
+    );
+    // Nothing half-imported from the refusals.
+    assert!(store.get("anon").is_err() && store.get("wrong").is_err());
+    assert!(store.layers().all().is_empty());
+
+    // The right credentials.
+    rt.block_on(store.pull(
+        &reference,
+        &as_user("app", Some("cove"), Some("s3cret pass")),
+        Arc::new(Quiet),
+    ))
+    .unwrap();
+    check_image(&store, "app", &base, &top);
+    drop(dir);
+}
+
+#[test]
 fn a_registry_blob_that_does_not_match_its_digest_is_refused() {
     need_root!();
     let Some(registry) = Registry::start() else {

@@ -246,6 +246,8 @@ pub fn free_port() -> u16 {
 pub struct Registry {
     pub addr: String,
     pub storage: PathBuf,
+    /// The one user the registry accepts (htpasswd), if it requires one.
+    pub credentials: Option<(String, String)>,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -255,6 +257,15 @@ pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 impl Registry {
     /// Start one, or `None` (with a note) when the binary is missing.
     pub fn start() -> Option<Registry> {
+        Registry::start_with(None)
+    }
+
+    /// Start one that requires basic authentication as `user`/`password`.
+    pub fn start_with_auth(user: &str, password: &str) -> Option<Registry> {
+        Registry::start_with(Some((user.to_string(), password.to_string())))
+    }
+
+    fn start_with(credentials: Option<(String, String)>) -> Option<Registry> {
         if !Path::new(REGISTRY_BIN).exists() {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -270,14 +281,20 @@ impl Registry {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = &credentials {
+            let htpasswd = dir.path().join("htpasswd");
+            let hash = bcrypt::hash(password, 4).unwrap();
+            fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: cove-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        fs::write(&config, yaml).unwrap();
         let child = Command::new(REGISTRY_BIN)
             .arg("serve")
             .arg(&config)
@@ -288,6 +305,7 @@ impl Registry {
         let registry = Registry {
             addr,
             storage,
+            credentials,
             child,
             _dir: dir,
         };
@@ -328,7 +346,10 @@ impl Registry {
                 &reference.parse().unwrap(),
                 &image_layers,
                 cfg,
-                &RegistryAuth::Anonymous,
+                &match &self.credentials {
+                    Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
+                    None => RegistryAuth::Anonymous,
+                },
                 None,
             )
             .await
