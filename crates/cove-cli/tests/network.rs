@@ -841,3 +841,140 @@ fn cli_and_dialects_map_onto_the_network() {
     assert_eq!(limit.as_deref().map(str::trim), Some("268435456"));
     assert_eq!(boxed["config"]["memory"], 256);
 }
+
+/// A static file server (the fake internet's package archive).
+const FILE_SERVER: &str = r#"
+import functools, http.server, sys
+H = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])
+H.log_message = lambda *a: None
+s = http.server.ThreadingHTTPServer(('0.0.0.0', int(sys.argv[1])), H)
+print('ready', flush=True)
+s.serve_forever()
+"#;
+
+const ARCHIVE_PORT: u16 = 8081;
+
+/// A flat apt archive in `dir` with one package, `cove-hello`, whose
+/// program prints a greeting.
+fn apt_archive(dir: &std::path::Path) {
+    let pkg = dir.join("build");
+    std::fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(pkg.join("usr/bin")).unwrap();
+    std::fs::write(
+        pkg.join("DEBIAN/control"),
+        "Package: cove-hello\nVersion: 1.0\nArchitecture: all\n\
+         Maintainer: cove tests <tests@cove.invalid>\n\
+         Description: a package served by the tests' fake internet\n",
+    )
+    .unwrap();
+    let program = pkg.join("usr/bin/cove-hello");
+    std::fs::write(&program, "#!/bin/sh\necho hello from an apt package\n").unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let deb = dir.join("cove-hello_1.0_all.deb");
+    let (ok, _) = host(&format!(
+        "dpkg-deb --root-owner-group --build {} {} >/dev/null",
+        pkg.display(),
+        deb.display()
+    ));
+    assert!(ok, "dpkg-deb failed");
+    std::fs::remove_dir_all(&pkg).unwrap();
+    let bytes = std::fs::read(&deb).unwrap();
+    let (_, sha) = host(&format!("sha256sum {} | cut -d' ' -f1", deb.display()));
+    let control = host(&format!("dpkg-deb -f {}", deb.display())).1;
+    let packages = format!(
+        "{}\nFilename: ./cove-hello_1.0_all.deb\nSize: {}\nSHA256: {}\n\n",
+        control.trim_end(),
+        bytes.len(),
+        sha.trim()
+    );
+    std::fs::write(dir.join("Packages"), &packages).unwrap();
+    let (_, psha) = host(&format!(
+        "sha256sum {}/Packages | cut -d' ' -f1",
+        dir.display()
+    ));
+    std::fs::write(
+        dir.join("Release"),
+        format!(
+            "Origin: cove-tests\nLabel: cove-tests\nDate: Thu, 01 Jan 2026 00:00:00 UTC\n\
+             SHA256:\n {} {} Packages\n",
+            psha.trim(),
+            packages.len()
+        ),
+    )
+    .unwrap();
+}
+
+/// `apt-get install` works in a debian sandbox allowed the network: here
+/// against a package archive on the fake internet.
+#[test]
+fn apt_get_install_in_a_debian_sandbox_with_network() {
+    if !root() || !have_tools() {
+        return;
+    }
+    if !std::path::Path::new("/usr/sbin/debootstrap").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "scripts/test.sh installs debootstrap"
+        );
+        eprintln!("skipping: debootstrap is not installed");
+        return;
+    }
+    let mut lab = Lab::new();
+    let archive = lab.dir.path().join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    apt_archive(&archive);
+    let server = lab.dir.path().join("files.py");
+    std::fs::write(&server, FILE_SERVER).unwrap();
+    let argv = [
+        "python3".to_string(),
+        server.display().to_string(),
+        ARCHIVE_PORT.to_string(),
+        archive.display().to_string(),
+    ];
+    lab.spawn_in_netns(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+    let d = lab.daemon();
+    let built = Command::new(env!("CARGO_BIN_EXE_cove"))
+        .env("COVE_DATA_DIR", d.data_dir())
+        .args(["template", "build", "debian"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+
+    // Only the archive's address is allowed.
+    let id = d.create(json!({"template": "debian", "network": {"allow_out": [lab.good()]}}));
+    let list = format!("deb [trusted=yes] http://{}:{ARCHIVE_PORT}/ ./", lab.good());
+    // Only this source: the template's own (deb.debian.org) is not allowed.
+    let apt = "-o Dir::Etc::sourcelist=/etc/apt/sources.list.d/cove-test.list \
+               -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0";
+    let script = format!(
+        "set -e; echo '{list}' > /etc/apt/sources.list.d/cove-test.list; \
+         apt-get {apt} update; \
+         DEBIAN_FRONTEND=noninteractive apt-get {apt} install -y cove-hello; \
+         cove-hello"
+    );
+    let result = d.exec(&id, json!({"cmd": script, "timeout": 120}));
+    let r = &result.1;
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert!(
+        r["stdout"]
+            .as_str()
+            .unwrap()
+            .ends_with("hello from an apt package\n"),
+        "{r}"
+    );
+    // Without the network the same install fails.
+    let offline = d.create(json!({"template": "debian"}));
+    let result = d.exec(&offline, json!({"cmd": script, "timeout": 60}));
+    assert_ne!(result.1["exit_code"], 0, "{}", result.1);
+    delete(&d, &id);
+    delete(&d, &offline);
+}
