@@ -38,6 +38,20 @@ pub const CONFIG_PATH: &str = "/cove/vm.json";
 pub const MODULES_DIR: &str = "/cove/modules";
 /// Module file names (in `MODULES_DIR`), one per line, in load order.
 pub const MODULE_ORDER: &str = "/cove/modules.order";
+/// The modules a guest with a network device loads after those of
+/// [`MODULE_ORDER`] (only then: they cost boot time under TCG).
+pub const NET_MODULE_ORDER: &str = "/cove/modules.net.order";
+
+/// The guest's side of a sandbox's network: `eth0` (the VM's virtio-net
+/// device) gets `address/prefix`, the default route goes through
+/// `gateway`, and `/etc/resolv.conf` names `nameserver`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub nameserver: std::net::Ipv4Addr,
+}
 
 /// What the host tells the guest's init, as JSON in [`CONFIG_PATH`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +80,9 @@ pub struct VmInitConfig {
     /// no limit.
     #[serde(default)]
     pub pids_max: Option<u64>,
+    /// The sandbox's network; `None` = loopback only.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
 }
 
 /// Run as PID 1 of a microVM. Never returns.
@@ -108,7 +125,10 @@ fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
     let vm: VmInitConfig =
         serde_json::from_str(&text).map_err(|e| format!("{CONFIG_PATH} is not valid: {e}"))?;
 
-    load_modules()?;
+    load_modules(MODULE_ORDER)?;
+    if vm.network.is_some() {
+        load_modules(NET_MODULE_ORDER)?;
+    }
     wait_for(Path::new(&vm.root_device))?;
 
     for dir in ["/cove/lower", "/cove/rw", "/cove/root"] {
@@ -170,6 +190,10 @@ fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
         // Not fatal: processes that do not use 127.0.0.1 still work.
         eprintln!("cove-vm-init: cannot bring up the loopback interface: {err}");
     }
+    if let Some(net) = &vm.network {
+        // Fatal: a sandbox asked for a network it would not have.
+        configure_network(net)?;
+    }
 
     let mut env = vm.env;
     if !env.iter().any(|(k, _)| k == "PATH") {
@@ -214,14 +238,14 @@ fn mount_fs(
         .map_err(|e| format!("cannot mount {fstype} {source} on {target}: {e}"))
 }
 
-/// Load the modules listed in [`MODULE_ORDER`]; the host computed the order
-/// from each module's `depends=` and soft dependencies, since the guest has
-/// no modprobe.
-fn load_modules() -> Result<(), String> {
-    let order = match std::fs::read_to_string(MODULE_ORDER) {
+/// Load the modules listed in `list` ([`MODULE_ORDER`] or
+/// [`NET_MODULE_ORDER`]); the host computed the order from each module's
+/// `depends=` and soft dependencies, since the guest has no modprobe.
+fn load_modules(list: &str) -> Result<(), String> {
+    let order = match std::fs::read_to_string(list) {
         Ok(order) => order,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("cannot read {MODULE_ORDER}: {e}")),
+        Err(e) => return Err(format!("cannot read {list}: {e}")),
     };
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = Path::new(MODULES_DIR).join(name);
@@ -296,6 +320,92 @@ fn cgroup_root(pids_max: Option<u64>) -> Result<Option<ProcessCgroups>, String> 
         dir: OwnedFd::from(dir),
         kind: CgroupKind::V2,
     }))
+}
+
+/// An `AF_INET` datagram socket for interface ioctls.
+fn inet_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket takes no pointers; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// A `sockaddr` holding an IPv4 address (port 0).
+fn sockaddr_v4(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size and both are
+    // plain old data; the kernel reads the family first.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Give `eth0` the sandbox's address, bring it up, route through the
+/// gateway, and name the resolver. The device may still be probing when
+/// this starts.
+fn configure_network(net: &GuestNetwork) -> Result<(), String> {
+    wait_for(Path::new("/sys/class/net/eth0"))
+        .map_err(|_| "the network device eth0 did not appear".to_string())?;
+    let fail = |what: &str| {
+        let err = std::io::Error::last_os_error();
+        format!("cannot {what} eth0: {err}")
+    };
+    let sock = inet_socket().map_err(|e| format!("cannot configure eth0: {e}"))?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"eth0\0") {
+        *dst = *src as libc::c_char;
+    }
+    let mask = std::net::Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(net.prefix))
+            .unwrap_or(0),
+    );
+    // SAFETY: each ioctl reads or writes the ifreq / rtentry we own, which
+    // name eth0 and hold valid socket addresses.
+    unsafe {
+        req.ifr_ifru.ifru_addr = sockaddr_v4(net.address);
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) < 0 {
+            return Err(fail(&format!("set address {} on", net.address)));
+        }
+        req.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) < 0 {
+            return Err(fail("set the netmask of"));
+        }
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(fail("read the flags of"));
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(fail("bring up"));
+        }
+        let mut route: libc::rtentry = std::mem::zeroed();
+        route.rt_dst = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+        route.rt_genmask = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+        route.rt_gateway = sockaddr_v4(net.gateway);
+        route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) < 0 {
+            return Err(fail(&format!("route through {} from", net.gateway)));
+        }
+    }
+    // IPv4 only, as in namespace sandboxes.
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
+    mkdir("/etc")?;
+    // The template's file may be a symlink (into /run, say): replace it.
+    let _ = std::fs::remove_file("/etc/resolv.conf");
+    std::fs::write(
+        "/etc/resolv.conf",
+        format!("nameserver {}\n", net.nameserver),
+    )
+    .map_err(|e| format!("cannot write /etc/resolv.conf: {e}"))
 }
 
 fn loopback_up() -> std::io::Result<()> {
@@ -534,9 +644,24 @@ mod tests {
             overlay_size_mib: Some(256),
             ready_port: Some(1025),
             pids_max: Some(64),
+            network: Some(GuestNetwork {
+                address: std::net::Ipv4Addr::new(10, 88, 0, 7),
+                prefix: 16,
+                gateway: std::net::Ipv4Addr::new(10, 88, 0, 1),
+                nameserver: std::net::Ipv4Addr::new(10, 88, 0, 1),
+            }),
         };
         let text = serde_json::to_string(&config).unwrap_or_default();
         let back: Result<VmInitConfig, _> = serde_json::from_str(&text);
         assert_eq!(back.ok(), Some(config));
+        // A config written before the network field reads as no network.
+        let old = text
+            .split(",\"network\"")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+            + "}";
+        let back: Option<VmInitConfig> = serde_json::from_str(&old).ok();
+        assert_eq!(back.map(|c| c.network), Some(None), "{old}");
     }
 }

@@ -164,7 +164,7 @@ pub fn run(mut args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode
         cwd: None,
         user: None,
         cgroup_parent: paths::cgroup_parent(),
-        resolv_conf: None,
+        ..SandboxOptions::default()
     };
 
     let root = state_root();

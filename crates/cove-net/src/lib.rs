@@ -122,6 +122,11 @@ pub struct Stored {
     pub resolved_deny: Vec<Ipv4Addr>,
     #[serde(default)]
     pub ports: Vec<PortMapping>,
+    /// A microVM's tap in the sandbox's namespace: the namespace bridges
+    /// `eth0` to it and holds no address (the guest does). `None` for a
+    /// namespace sandbox, whose `eth0` holds the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_link: Option<String>,
 }
 
 impl Stored {
@@ -270,6 +275,12 @@ impl Prepared {
             .gateway
             .filter(|_| self.stored.mode == NetworkMode::Egress)
             .map(|gw| format!("nameserver {gw}\noptions edns0\n"))
+    }
+
+    /// The sandbox is a microVM whose guest holds the address behind
+    /// `tap` (in the namespace given to [`Network::attach`]).
+    pub fn set_guest_link(&mut self, tap: &str) {
+        self.stored.guest_link = Some(tap.to_string());
     }
 
     /// Whether [`Network::attach`] has anything to do.
@@ -583,10 +594,11 @@ impl Network {
             let inside = Links::connect_in(netns)
                 .await
                 .map_err(|e| NetError::Host(format!("netlink in the sandbox: {e}")))?;
-            inside
-                .configure_eth0(addr, prefix, gateway)
-                .await
-                .map_err(NetError::Host)?;
+            match &stored.guest_link {
+                Some(tap) => inside.bridge_guest(tap).await,
+                None => inside.configure_eth0(addr, prefix, gateway).await,
+            }
+            .map_err(NetError::Host)?;
             let _ = netns::sysctl_in(
                 netns,
                 "/proc/sys/net/ipv6/conf/eth0/disable_ipv6".into(),

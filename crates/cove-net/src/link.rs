@@ -235,6 +235,56 @@ impl Links {
             .collect())
     }
 
+    /// Inside a microVM's namespace: `eth0` and the VMM's `tap` become the
+    /// two ports of a bridge, so the guest's frames reach cove's bridge as
+    /// they are. The namespace holds no address: the guest has the
+    /// sandbox's.
+    pub async fn bridge_guest(&self, tap: &str) -> Result<(), String> {
+        const BRIDGE: &str = "br0";
+        let bridge = match self.index(BRIDGE).await? {
+            Some(index) => index,
+            None => {
+                let created = self
+                    .handle
+                    .link()
+                    .add(LinkBridge::new(BRIDGE).build())
+                    .execute()
+                    .await;
+                if let Err(e) = created
+                    && errno(&e) != Some(EEXIST)
+                {
+                    return Err(describe("creating the microVM's bridge", e));
+                }
+                self.index(BRIDGE)
+                    .await?
+                    .ok_or("the microVM's bridge vanished right after it was created")?
+            }
+        };
+        for port in ["eth0", tap] {
+            let index = self
+                .index(port)
+                .await?
+                .ok_or_else(|| format!("the microVM's namespace has no {port}"))?;
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .controller(bridge)
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| describe(&format!("bridging {port} to the microVM"), e))?;
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(bridge).up().build())
+            .execute()
+            .await
+            .map_err(|e| describe("bringing the microVM's bridge up", e))
+    }
+
     /// Inside a sandbox: `eth0` gets `addr/prefix` and comes up, and the
     /// default route goes through `gateway`.
     pub async fn configure_eth0(

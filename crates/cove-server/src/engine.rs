@@ -23,6 +23,9 @@ pub struct SandboxOptions {
     /// The sandbox's `/etc/resolv.conf` (egress sandboxes: cove's DNS
     /// forwarder); `None` leaves the template's.
     pub resolv_conf: Option<String>,
+    /// The sandbox's address, gateway and resolver, for a backend whose
+    /// guest configures its own interface (microVMs); `None` = no egress.
+    pub guest_network: Option<cove_agent::vm_init::GuestNetwork>,
 }
 
 impl Default for SandboxOptions {
@@ -35,6 +38,7 @@ impl Default for SandboxOptions {
             user: None,
             cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
             resolv_conf: None,
+            guest_network: None,
         }
     }
 }

@@ -439,6 +439,14 @@ impl Manager {
                     "backend {backend_name:?} does not support network \"egress\" or exposed_ports yet; use the namespace backend or network \"none\""
                 )));
             }
+            (_, true)
+                if !req.network.exposed_ports.is_empty() && !backend.supports_published_ports() =>
+            {
+                return Err(ApiError::invalid(format!(
+                    "backend {backend_name:?} does not publish exposed_ports yet (egress works); \
+                     use the namespace backend for a server the host reaches"
+                )));
+            }
             (None, true) => {
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,
@@ -501,6 +509,7 @@ impl Manager {
             user: req.user.clone(),
             cgroup_parent: self.inner.config.cgroup_parent.clone(),
             resolv_conf: None,
+            guest_network: None,
         };
         let cwd = options
             .cwd
@@ -553,7 +562,7 @@ impl Manager {
         };
         // Take what can fail for the request's own reasons (host names,
         // host ports, an address) before anything is created.
-        let prepared = match &network {
+        let mut prepared = match &network {
             Some(network) => Some(
                 network
                     .prepare(&id, &req.network)
@@ -564,6 +573,18 @@ impl Manager {
         };
         let mut options = options;
         options.resolv_conf = prepared.as_ref().and_then(|p| p.resolv_conf());
+        if let (Some(p), Some(tap)) = (prepared.as_mut(), backend.guest_link()) {
+            p.set_guest_link(tap);
+            let s = p.stored();
+            if let (Some(address), Some(gateway), Some(prefix)) = (s.address, s.gateway, s.prefix) {
+                options.guest_network = Some(cove_agent::vm_init::GuestNetwork {
+                    address,
+                    prefix,
+                    gateway,
+                    nameserver: gateway,
+                });
+            }
+        }
         let spec_json = serde_json::to_string(&StoredSpec {
             cwd: cwd.clone(),
             user: user.clone(),

@@ -125,6 +125,9 @@ pub struct VmConfig {
     /// Most processes the sandbox's programs may have at once (the guest's
     /// cgroup `pids.max`); `None` = no limit.
     pub pids: Option<u64>,
+    /// The guest's network (a virtio-net device on a tap in the VMM's own
+    /// network namespace, see [`Vm::network_namespace`]); `None` = none.
+    pub network: Option<cove_agent::vm_init::GuestNetwork>,
 }
 
 impl VmConfig {
@@ -144,6 +147,7 @@ impl VmConfig {
             boot_timeout: None,
             overlay_size_mib: None,
             pids: None,
+            network: None,
         }
     }
 }
@@ -165,6 +169,24 @@ pub struct VmRecord {
     /// The Firecracker binary, when that is the VMM.
     #[serde(default)]
     pub firecracker_binary: Option<PathBuf>,
+}
+
+impl VmRecord {
+    /// The VMM's network namespace, where the guest's tap is (a VM booted
+    /// with [`VmConfig::network`]; without one it is the host's).
+    pub fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, VmError> {
+        let process = &self.vmm_process;
+        let path = PathBuf::from(format!("/proc/{}/ns/net", process.pid));
+        let file = std::fs::File::open(&path).map_err(VmError::io("open", &path))?;
+        // Opened, then checked: the namespace is that of our VMM, not of a
+        // process that took its PID.
+        if !process.is_alive() {
+            return Err(VmError::io("open", &path)(
+                std::io::Error::from_raw_os_error(libc::ESRCH),
+            ));
+        }
+        Ok(file.into())
+    }
 }
 
 /// Where a boot's time went, on the host's clock (for `cove bench`).
@@ -500,6 +522,7 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<Launch, VmError> {
         root_device: "/dev/vda".into(),
         overlay_size_mib: config.overlay_size_mib,
         pids_max: config.pids,
+        network: config.network.clone(),
     };
     image::write_vm_initramfs(image, &init, &initramfs)?;
 
@@ -536,6 +559,10 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<Launch, VmError> {
         console_log: state_dir.join("console.log"),
         state_dir: state_dir.clone(),
         vsock_uds: vsock_uds.clone(),
+        network: config
+            .network
+            .as_ref()
+            .map(|_| vmm::NetDevice::for_sandbox(&config.id)),
     };
     let vmm = vmm::for_kind(kind, firecracker.clone());
     let launched = vmm.launch(&spec)?;

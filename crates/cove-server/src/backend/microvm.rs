@@ -257,6 +257,21 @@ impl Backend for MicrovmBackend {
         Some(DEFAULT_VM_TEMPLATE)
     }
 
+    /// Egress through a virtio-net device on a tap in the VMM's own
+    /// network namespace, bridged there to the sandbox's veth. QEMU only
+    /// (a Firecracker VM refuses it at boot).
+    fn supports_network(&self) -> bool {
+        true
+    }
+
+    fn supports_published_ports(&self) -> bool {
+        false
+    }
+
+    fn guest_link(&self) -> Option<&'static str> {
+        Some(cove_vm::vmm::GUEST_TAP)
+    }
+
     async fn create(&self, spec: SandboxSpec) -> Result<Arc<dyn Instance>, BackendError> {
         let agent = self
             .setup
@@ -281,6 +296,7 @@ impl Backend for MicrovmBackend {
         let disk_mib = spec.options.disk.unwrap_or(engine::DEFAULT_DISK) >> 20;
         config.overlay_size_mib = Some(disk_mib.clamp(1, memory_mib / 2));
         config.pids = spec.options.limits.pids;
+        config.network = spec.options.guest_network.clone();
         std::fs::create_dir_all(&self.state_root)
             .map_err(|e| BackendError::Failed(format!("{}: {e}", self.state_root.display())))?;
         let vm = Vm::boot(&image, config).await.map_err(vm_error)?;
@@ -349,6 +365,10 @@ struct MicrovmInstance {
 impl Instance for MicrovmInstance {
     fn record(&self) -> serde_json::Value {
         serde_json::to_value(&self.record).unwrap_or_default()
+    }
+
+    fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
+        self.record.network_namespace().map_err(vm_error)
     }
 
     async fn connect(&self) -> Result<AgentStream, BackendError> {

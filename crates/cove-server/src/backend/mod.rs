@@ -59,10 +59,20 @@ pub trait Backend: Send + Sync + 'static {
     /// IDs of sandboxes this backend has state for on the host (to find
     /// orphans the database does not know).
     fn known_ids(&self) -> Vec<String>;
-    /// Whether its sandboxes can have egress and published ports
-    /// ([`Instance::network_namespace`]).
+    /// Whether its sandboxes can have egress ([`Instance::network_namespace`]).
     fn supports_network(&self) -> bool {
         false
+    }
+    /// Whether its sandboxes can publish ports on the host.
+    fn supports_published_ports(&self) -> bool {
+        self.supports_network()
+    }
+    /// For a backend whose sandboxes are guests behind a tap (microVMs):
+    /// the tap's name in [`Instance::network_namespace`], which the
+    /// network bridges to the sandbox's veth. `None`: the sandbox's own
+    /// `eth0` takes the address.
+    fn guest_link(&self) -> Option<&'static str> {
+        None
     }
     /// Why this backend cannot create sandboxes on this host (what to
     /// install), or `None` when it can. An unavailable backend still

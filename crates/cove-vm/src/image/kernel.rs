@@ -34,8 +34,17 @@ impl Kernel {
     pub fn modules_dir(&self) -> PathBuf {
         self.dir.join("modules")
     }
+    /// The modules every guest loads, in order.
     pub fn module_order(&self) -> Result<Vec<String>, VmError> {
-        let path = self.dir.join("modules.order");
+        self.order_file("modules.order")
+    }
+    /// The modules a guest with a network device loads after those of
+    /// [`Kernel::module_order`], in order.
+    pub fn net_module_order(&self) -> Result<Vec<String>, VmError> {
+        self.order_file(NET_ORDER)
+    }
+    fn order_file(&self, name: &str) -> Result<Vec<String>, VmError> {
+        let path = self.dir.join(name);
         let text = std::fs::read_to_string(&path).map_err(VmError::io("read", &path))?;
         Ok(text
             .lines()
@@ -45,11 +54,19 @@ impl Kernel {
     }
 }
 
+/// The network modules' order file; a cached kernel without one was
+/// unpacked by an older cove.
+const NET_ORDER: &str = "modules.net.order";
+
 /// The newest kernel in `cache_dir/kernel`, unpacking one first if there is none.
 pub fn ensure_kernel(cache_dir: &Path, progress: Progress<'_>) -> Result<Kernel, VmError> {
     let root = cache_dir.join("kernel");
     if let Some(kernel) = cached(&root)? {
-        return Ok(kernel);
+        if kernel.dir.join(NET_ORDER).exists() {
+            return Ok(kernel);
+        }
+        // Unpacked by an older cove, without the network modules: again.
+        let _ = std::fs::remove_dir_all(&kernel.dir);
     }
     std::fs::create_dir_all(&root).map_err(VmError::io("create", &root))?;
     let scratch = root.join(format!(".tmp-{}", std::process::id()));
@@ -126,18 +143,24 @@ fn build(
         .map(|t| modules::parse_builtin(&t))
         .unwrap_or_else(|_| HashSet::new());
     let order = modules::load_order(&files, &builtin, modules::GUEST_MODULES)?;
-    let mut names = String::new();
-    for path in &order {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| VmError::Image(format!("odd module path {}", path.display())))?;
-        copy(path, &out.join("modules").join(name))?;
-        names.push_str(name);
-        names.push('\n');
+    let net_order: Vec<PathBuf> = modules::load_order(&files, &builtin, modules::NETWORK_MODULES)?
+        .into_iter()
+        .filter(|m| !order.contains(m))
+        .collect();
+    for (list, file) in [(&order, "modules.order"), (&net_order, NET_ORDER)] {
+        let mut names = String::new();
+        for path in list {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| VmError::Image(format!("odd module path {}", path.display())))?;
+            copy(path, &out.join("modules").join(name))?;
+            names.push_str(name);
+            names.push('\n');
+        }
+        let order_file = out.join(file);
+        std::fs::write(&order_file, names).map_err(VmError::io("write", &order_file))?;
     }
-    let order_file = out.join("modules.order");
-    std::fs::write(&order_file, names).map_err(VmError::io("write", &order_file))?;
 
     let dest = root.join(&version);
     match std::fs::rename(&out, &dest) {

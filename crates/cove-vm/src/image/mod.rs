@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 pub use rootfs::{ensure_rootfs_image, ensure_rootfs_image_of};
 
 use crate::{Progress, VmError};
-use cove_agent::vm_init::{CONFIG_PATH, MODULE_ORDER, MODULES_DIR, VmInitConfig};
+use cove_agent::vm_init::{CONFIG_PATH, MODULE_ORDER, MODULES_DIR, NET_MODULE_ORDER, VmInitConfig};
 
 /// Bumped whenever the initramfs layout changes, so old images are rebuilt.
-/// 2: module signatures stripped.
-const IMAGE_FORMAT: u32 = 2;
+/// 2: module signatures stripped. 3: network modules, loaded on demand.
+const IMAGE_FORMAT: u32 = 3;
 
 /// A bootable guest: kernel plus the agent's initramfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +131,7 @@ fn write_initramfs(path: &Path, agent: &[u8], kernel: &kernel::Kernel) -> Result
     let mut w = cpio::CpioWriter::new(std::io::BufWriter::new(file));
     let io = VmError::io("write", path);
     let order = kernel.module_order()?;
+    let net_order = kernel.net_module_order()?;
     let result = (|| -> std::io::Result<()> {
         for dir in ["dev", "proc", "sys", "cove", MODULES_DIR] {
             w.dir(dir, 0o755)?;
@@ -139,7 +140,7 @@ fn write_initramfs(path: &Path, agent: &[u8], kernel: &kernel::Kernel) -> Result
         // is mounted, so the node must be in the archive.
         w.char_device("dev/console", 0o600, 5, 1)?;
         w.file("init", 0o755, agent)?;
-        for name in &order {
+        for name in order.iter().chain(&net_order) {
             let data = std::fs::read(kernel.modules_dir().join(name))?;
             w.file(
                 &format!("{MODULES_DIR}/{name}"),
@@ -147,9 +148,11 @@ fn write_initramfs(path: &Path, agent: &[u8], kernel: &kernel::Kernel) -> Result
                 without_signature(&data),
             )?;
         }
-        let mut list = order.join("\n");
-        list.push('\n');
-        w.file(MODULE_ORDER, 0o644, list.as_bytes())?;
+        for (names, path) in [(&order, MODULE_ORDER), (&net_order, NET_MODULE_ORDER)] {
+            let mut list = names.join("\n");
+            list.push('\n');
+            w.file(path, 0o644, list.as_bytes())?;
+        }
         w.finish().map(|_| ())
     })();
     result.map_err(io)

@@ -21,6 +21,10 @@ pub const GUEST_MODULES: &[&str] = &[
     "overlay",
 ];
 
+/// What a guest with a network device loads on top: the virtio-net driver
+/// (and, through its dependencies, the failover modules).
+pub const NETWORK_MODULES: &[&str] = &["virtio_net"];
+
 /// The fields of a module's `.modinfo` that matter here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModInfo {

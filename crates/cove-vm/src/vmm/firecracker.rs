@@ -80,6 +80,13 @@ impl Vmm for Firecracker {
                 "Firecracker needs KVM; this host runs guests under TCG, use QEMU".into(),
             ));
         }
+        if spec.network.is_some() {
+            return Err(VmError::Config(
+                "cove gives Firecracker VMs no network yet; use QEMU (COVE_VMM=qemu) \
+                 or network \"none\""
+                    .into(),
+            ));
+        }
         let api = spec.state_dir.join("firecracker.sock");
         check_socket_path(&api)?;
         check_socket_path(&spec.vsock_uds)?;
@@ -214,6 +221,7 @@ mod tests {
             state_dir: "/s".into(),
             console_log: "/s/console.log".into(),
             vsock_uds: "/s/vsock.sock".into(),
+            network: None,
         };
         let config = Firecracker::config(&spec);
         assert_eq!(config["boot-source"]["kernel_image_path"], "/k/vmlinux");

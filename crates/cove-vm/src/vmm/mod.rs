@@ -50,6 +50,40 @@ pub struct LaunchSpec {
     pub console_log: PathBuf,
     /// Host end of the guest's vsock (hybrid vsock unix socket).
     pub vsock_uds: PathBuf,
+    /// A network device for the guest; `None` = none.
+    pub network: Option<NetDevice>,
+}
+
+/// The name of a VM's tap in its VMM's network namespace.
+pub const GUEST_TAP: &str = "tap0";
+
+/// The guest's network device: a tap the VMM creates in a network
+/// namespace of its own (the VMM runs in it), where cove's network wiring
+/// bridges it to the sandbox's veth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    /// The tap's name in the VMM's namespace.
+    pub tap: String,
+    /// The guest's MAC address (`aa:bb:…`), unique per sandbox.
+    pub mac: String,
+}
+
+impl NetDevice {
+    /// The device of sandbox `id`: tap `tap0`, and a locally administered
+    /// MAC address derived from the ID (every VM on cove's bridge needs
+    /// its own; QEMU's default is the same for all).
+    pub fn for_sandbox(id: &str) -> NetDevice {
+        let mut hash = crate::image::Fnv::default();
+        hash.write(id.as_bytes());
+        let b = hash.0.to_be_bytes();
+        NetDevice {
+            tap: GUEST_TAP.into(),
+            mac: format!(
+                "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                b[0], b[1], b[2], b[3], b[4]
+            ),
+        }
+    }
 }
 
 /// The processes and sockets of a started VM.

@@ -99,6 +99,16 @@ impl Qemu {
             format!("socket,id=vsock,path={}", vhost_socket.display()),
             "-device".into(),
             "vhost-user-vsock-device,chardev=vsock".into(),
+        ]);
+        if let Some(net) = &spec.network {
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+            ]);
+        }
+        args.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp.display()),
             "-daemonize".into(),
@@ -170,7 +180,23 @@ impl Vmm for Qemu {
         let qemu_log = spec.state_dir.join("qemu.log");
         let log = std::fs::File::create(&qemu_log).map_err(VmError::io("create", &qemu_log))?;
         let log2 = log.try_clone().map_err(VmError::io("open", &qemu_log))?;
-        let status = Command::new(binary())
+        let mut qemu = Command::new(binary());
+        if spec.network.is_some() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: unshare is async-signal-safe and touches no memory.
+            // QEMU (and its daemonized child) then live in a network
+            // namespace of their own, where the guest's tap is created.
+            unsafe {
+                qemu.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let status = qemu
             .args(Self::args(spec, &vhost_socket, &qmp, &pidfile))
             .stdin(Stdio::null())
             .stdout(log)
@@ -283,6 +309,7 @@ mod tests {
             state_dir: "/s".into(),
             console_log: "/s/console.log".into(),
             vsock_uds: "/s/vsock.sock".into(),
+            network: None,
         };
         let args = Qemu::args(
             &spec,
@@ -300,12 +327,39 @@ mod tests {
         let kvm = Qemu::args(
             &LaunchSpec {
                 accel: Accel::Kvm,
-                ..spec
+                ..spec.clone()
             },
             Path::new("a"),
             Path::new("b"),
             Path::new("c"),
         );
         assert!(kvm.join(" ").contains("-accel kvm -cpu host"));
+        assert!(!joined.contains("-netdev"), "no network unless asked");
+        let net = super::super::NetDevice::for_sandbox("sbx-test1234");
+        assert_eq!(net, super::super::NetDevice::for_sandbox("sbx-test1234"));
+        assert_ne!(
+            net.mac,
+            super::super::NetDevice::for_sandbox("sbx-other123").mac
+        );
+        assert!(
+            net.mac.starts_with("02:") && net.mac.len() == 17,
+            "{}",
+            net.mac
+        );
+        let with_net = Qemu::args(
+            &LaunchSpec {
+                network: Some(net.clone()),
+                ..spec
+            },
+            Path::new("a"),
+            Path::new("b"),
+            Path::new("c"),
+        )
+        .join(" ");
+        assert!(with_net.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"));
+        assert!(with_net.contains(&format!(
+            "-device virtio-net-device,netdev=net0,mac={}",
+            net.mac
+        )));
     }
 }
