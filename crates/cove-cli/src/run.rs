@@ -172,6 +172,8 @@ pub fn run(mut args: RunArgs, remote: &crate::remote::Remote) -> Result<ExitCode
     let id = engine::new_id();
     let mut config = engine::sandbox_config(&id, &template, &options, &root);
     config.die_with_parent = true;
+    // Nothing reads the sandbox's use: no cgroup where no limit needs one.
+    config.accounting = false;
 
     // Still single-threaded here, as `create` requires.
     let layout = Layout::detect();

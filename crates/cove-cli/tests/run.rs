@@ -475,6 +475,58 @@ fn cpu_and_pids_limits_reach_the_cgroups() {
     env.assert_clean();
 }
 
+/// `cove run` makes cgroups only where a limit needs one (on a v1 or
+/// hybrid host: no memory, pids or cpu directory without --memory, --pids
+/// or --cpus), besides the one that kills and freezes the sandbox.
+#[test]
+fn only_the_cgroups_a_limit_needs() {
+    if !root() {
+        return;
+    }
+    let hybrid = Path::new("/sys/fs/cgroup/memory").is_dir();
+    let env = Env::new();
+    for (limits, want) in [
+        (&[][..], &[][..]),
+        (&["--pids", "50"][..], &["pids"][..]),
+        (&["--memory", "64M"][..], &["memory"][..]),
+    ] {
+        let tag = format!("31.{}{}", std::process::id(), limits.len());
+        let mut child = env
+            .cmd()
+            .arg("run")
+            .args(limits)
+            .args(["--", "sleep", &tag])
+            .spawn()
+            .unwrap();
+        let mut dirs = Vec::new();
+        for _ in 0..200 {
+            dirs = env.cgroup_children();
+            if !dirs.is_empty() && host_runs(&["sleep", &tag]) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        child.wait().unwrap();
+        assert!(!dirs.is_empty(), "{limits:?}: no cgroup at all");
+        if hybrid {
+            let limited: Vec<String> = ["memory", "pids", "cpu"]
+                .into_iter()
+                .filter(|h| {
+                    dirs.iter()
+                        .any(|d| d.starts_with(Path::new("/sys/fs/cgroup").join(h)))
+                })
+                .map(String::from)
+                .collect();
+            assert_eq!(limited, want, "{limits:?}: {dirs:?}");
+        }
+    }
+    env.assert_clean();
+}
+
 #[test]
 fn bad_input_is_a_clear_error_with_code_125_and_leaves_nothing() {
     if !root() {

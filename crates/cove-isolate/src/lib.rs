@@ -65,6 +65,11 @@ pub struct SandboxConfig {
     pub listen: bool,
     /// Where the agent's own diagnostics go (`/dev/null` when `None`).
     pub agent_log: Option<PathBuf>,
+    /// On a v1 (or hybrid) host, a cgroup in the memory, pids and cpu
+    /// hierarchies even where no limit asks for one, so the sandbox's use
+    /// can be read (the daemon reports it). `cove run` reads nothing and
+    /// saves the directories.
+    pub accounting: bool,
 }
 
 /// Errors of the namespace backend.
@@ -220,14 +225,19 @@ pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error>
         let _ = fs::remove_dir_all(state_dir);
     };
 
-    let cgroup =
-        match SandboxCgroup::create(layout, &config.cgroup_parent, &config.id, &config.limits) {
-            Ok(cg) => cg,
-            Err(err) => {
-                cleanup_dir();
-                return Err(err.into());
-            }
-        };
+    let cgroup = match SandboxCgroup::create(
+        layout,
+        &config.cgroup_parent,
+        &config.id,
+        &config.limits,
+        config.accounting,
+    ) {
+        Ok(cg) => cg,
+        Err(err) => {
+            cleanup_dir();
+            return Err(err.into());
+        }
+    };
     let mut record = SandboxRecord {
         id: config.id.clone(),
         pid: 0,

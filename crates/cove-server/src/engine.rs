@@ -134,6 +134,7 @@ pub fn sandbox_config(
         die_with_parent: false,
         listen: false,
         agent_log: None,
+        accounting: true,
     }
 }
 

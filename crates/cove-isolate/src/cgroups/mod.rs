@@ -195,6 +195,7 @@ impl SandboxCgroup {
         parent: &str,
         id: &str,
         limits: &Limits,
+        accounting: bool,
     ) -> Result<SandboxCgroup, CgroupError> {
         let mut cg = SandboxCgroup {
             dirs: Vec::new(),
@@ -223,6 +224,7 @@ impl SandboxCgroup {
                 parent,
                 id,
                 limits,
+                accounting,
             ),
             Layout::None => {
                 if limits.memory.is_some() {

@@ -23,6 +23,7 @@ pub(super) fn create(
     parent: &str,
     id: &str,
     limits: &Limits,
+    accounting: bool,
 ) -> Result<(), CgroupError> {
     if limits.memory.is_some() && mounts.memory.is_none() {
         return Err(CgroupError::Unsupported {
@@ -43,7 +44,13 @@ pub(super) fn create(
         });
     }
 
-    if let Some(mount) = mounts.memory {
+    // Without accounting, only the hierarchies a limit needs.
+    let wanted = |limit: bool| accounting || limit;
+    if let Some(mount) = mounts
+        .memory
+        .as_ref()
+        .filter(|_| wanted(limits.memory.is_some()))
+    {
         let dir = mount.join(parent).join(id);
         mkdir(&dir)?;
         cg.dirs.push(dir.clone());
@@ -60,7 +67,11 @@ pub(super) fn create(
         }
         cg.memory = Some((dir, false));
     }
-    if let Some(mount) = mounts.pids {
+    if let Some(mount) = mounts
+        .pids
+        .as_ref()
+        .filter(|_| wanted(limits.pids.is_some()))
+    {
         let dir = mount.join(parent).join(id);
         mkdir(&dir)?;
         cg.dirs.push(dir.clone());
@@ -68,7 +79,11 @@ pub(super) fn create(
             write(&dir.join("pids.max"), &max.to_string())?;
         }
     }
-    if let Some(mount) = mounts.cpu {
+    if let Some(mount) = mounts
+        .cpu
+        .as_ref()
+        .filter(|_| wanted(limits.cpus.is_some()))
+    {
         let dir = mount.join(parent).join(id);
         mkdir(&dir)?;
         cg.dirs.push(dir.clone());
