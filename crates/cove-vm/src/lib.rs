@@ -499,7 +499,11 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<Launch, VmError> {
                 )
             })?)
         }
-        VmmChoice::Auto if accel == Accel::Kvm => vmm::firecracker::find(None),
+        // Firecracker VMs get no network device from cove (yet): a VM with
+        // a network runs on QEMU.
+        VmmChoice::Auto if accel == Accel::Kvm && config.network.is_none() => {
+            vmm::firecracker::find(None)
+        }
         VmmChoice::Auto => None,
     };
     let kind = if firecracker.is_some() {

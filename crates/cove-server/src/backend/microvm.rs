@@ -258,8 +258,8 @@ impl Backend for MicrovmBackend {
     }
 
     /// Egress through a virtio-net device on a tap in the VMM's own
-    /// network namespace, bridged there to the sandbox's veth. QEMU only
-    /// (a Firecracker VM refuses it at boot).
+    /// network namespace, bridged there to the sandbox's veth. Such a VM
+    /// runs on QEMU (cove gives Firecracker VMs no network device yet).
     fn supports_network(&self) -> bool {
         true
     }

@@ -82,8 +82,8 @@ impl Vmm for Firecracker {
         }
         if spec.network.is_some() {
             return Err(VmError::Config(
-                "cove gives Firecracker VMs no network yet; use QEMU (COVE_VMM=qemu) \
-                 or network \"none\""
+                "cove gives Firecracker VMs no network device yet; a VM with a network \
+                 runs on QEMU (the automatic choice does that)"
                     .into(),
             ));
         }
