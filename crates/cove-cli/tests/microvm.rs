@@ -107,20 +107,9 @@ fn daemon(backend: &str) -> Option<Daemon> {
         ("COVE_VM_AGENT".into(), static_agent().display().to_string()),
         ("COVE_VM_CACHE".into(), cache.display().to_string()),
     ]);
-    // The microVM backend's default template.
-    let built = Command::new(env!("CARGO_BIN_EXE_cove"))
-        .args(["template", "build", "busybox"])
-        .env("COVE_DATA_DIR", d.data_dir())
-        // It also builds the microVM images, from the same agent and cache.
-        .envs(d.env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    // The microVM backend's default template (the build also makes the
+    // microVM images, from the same agent and cache).
+    d.build_template("busybox");
     Some(d)
 }
 

@@ -922,15 +922,7 @@ fn apt_archive(dir: &std::path::Path) {
 /// against a package archive on the fake internet.
 #[test]
 fn apt_get_install_in_a_debian_sandbox_with_network() {
-    if !root() || !have_tools() {
-        return;
-    }
-    if !std::path::Path::new("/usr/sbin/debootstrap").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "scripts/test.sh installs debootstrap"
-        );
-        eprintln!("skipping: debootstrap is not installed");
+    if !root() || !have_tools() || !common::have_debootstrap() {
         return;
     }
     let mut lab = Lab::new();
@@ -947,17 +939,7 @@ fn apt_get_install_in_a_debian_sandbox_with_network() {
     ];
     lab.spawn_in_netns(&argv.iter().map(String::as_str).collect::<Vec<_>>());
     let d = lab.daemon();
-    let built = Command::new(env!("CARGO_BIN_EXE_cove"))
-        .env("COVE_DATA_DIR", d.data_dir())
-        .args(["template", "build", "debian"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    d.build_template("debian");
 
     // Only the archive's address is allowed.
     let id = d.create(json!({"template": "debian", "network": {"allow_out": [lab.good()]}}));
@@ -1013,18 +995,7 @@ fn a_microvm_gets_egress_under_the_same_policy() {
         ("COVE_VM_AGENT".into(), agent),
         ("COVE_VM_CACHE".into(), cache.display().to_string()),
     ]);
-    let built = Command::new(env!("CARGO_BIN_EXE_cove"))
-        .args(["template", "build", "busybox"])
-        .env("COVE_DATA_DIR", d.data_dir())
-        .envs(d.env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    d.build_template("busybox");
 
     let id = d.create(json!({"backend": "microvm", "network": {"allow_out": ["good.test"]}}));
     let net = network_of(&d, &id);

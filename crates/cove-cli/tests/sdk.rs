@@ -292,16 +292,7 @@ fn entrypoint_command_honours_the_template() {
     }
     let d = Daemon::start();
     runtime().block_on(async {
-        let build = std::process::Command::new(env!("CARGO_BIN_EXE_cove"))
-            .env("COVE_DATA_DIR", d.data_dir())
-            .args(["template", "build", "busybox"])
-            .output()
-            .unwrap();
-        assert!(
-            build.status.success(),
-            "{}",
-            String::from_utf8_lossy(&build.stderr)
-        );
+        d.build_template("busybox");
         let sandbox = client(&d)
             .create(SandboxSpec::new().template("busybox"))
             .await

@@ -411,28 +411,11 @@ fn snapshots_become_templates_and_the_source_keeps_running() {
 /// apt work in a sandbox; a second build reuses the template.
 #[test]
 fn the_debian_template_runs_python_and_apt() {
-    if !root() {
-        return;
-    }
-    if !std::path::Path::new("/usr/sbin/debootstrap").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "scripts/test.sh installs debootstrap"
-        );
-        eprintln!("skipping: debootstrap is not installed");
+    if !root() || !common::have_debootstrap() {
         return;
     }
     let d = Daemon::start();
-    let build = || {
-        Command::new(env!("CARGO_BIN_EXE_cove"))
-            .env("COVE_DATA_DIR", d.data_dir())
-            .args(["template", "build", "debian"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let o = build();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.build_template("debian");
     let id = d.create(json!({"template": "debian"}));
     assert_eq!(
         out(&d.sh(
@@ -450,7 +433,6 @@ fn the_debian_template_runs_python_and_apt() {
             .flatten()
             .any(|e| e.file_name().to_string_lossy().ends_with(".deb"))
     );
-    let o = build();
-    assert!(o.status.success());
+    let o = d.build_template("debian");
     assert!(String::from_utf8_lossy(&o.stderr).contains("already built"));
 }

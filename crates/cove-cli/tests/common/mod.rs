@@ -23,6 +23,20 @@ pub fn root() -> bool {
     false
 }
 
+/// Whether debootstrap (for the debian template) is here; under CI it must
+/// be (scripts/test.sh installs it).
+pub fn have_debootstrap() -> bool {
+    if Path::new("/usr/sbin/debootstrap").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "scripts/test.sh installs debootstrap"
+    );
+    eprintln!("skipping: debootstrap is not installed");
+    false
+}
+
 pub struct Daemon {
     pub child: Option<Child>,
     pub dirs: tempfile::TempDir,
@@ -77,6 +91,25 @@ impl Daemon {
         };
         daemon.spawn();
         daemon
+    }
+
+    /// `cove template build NAME` into this daemon's data directory, with
+    /// its environment (the microVM backend's too, which builds the VM
+    /// images alongside). Fails the test if the build fails.
+    pub fn build_template(&self, name: &str) -> std::process::Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_cove"))
+            .args(["template", "build", name])
+            .env("COVE_DATA_DIR", self.data_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cove template build {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     }
 
     pub fn data_dir(&self) -> PathBuf {
