@@ -359,11 +359,7 @@ fn configure_network(net: &GuestNetwork) -> Result<(), String> {
         format!("cannot {what} eth0: {err}")
     };
     let sock = inet_socket().map_err(|e| format!("cannot configure eth0: {e}"))?;
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"eth0\0") {
-        *dst = *src as libc::c_char;
-    }
+    let mut req = ifreq(c"eth0");
     let mask = std::net::Ipv4Addr::from(
         u32::MAX
             .checked_shl(32 - u32::from(net.prefix))
@@ -380,13 +376,7 @@ fn configure_network(net: &GuestNetwork) -> Result<(), String> {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) < 0 {
             return Err(fail("set the netmask of"));
         }
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
-            return Err(fail("read the flags of"));
-        }
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
-            return Err(fail("bring up"));
-        }
+        link_up(&sock, c"eth0").map_err(|e| format!("cannot bring up eth0: {e}"))?;
         let mut route: libc::rtentry = std::mem::zeroed();
         route.rt_dst = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
         route.rt_genmask = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
@@ -409,13 +399,24 @@ fn configure_network(net: &GuestNetwork) -> Result<(), String> {
 }
 
 fn loopback_up() -> std::io::Result<()> {
-    let sock = inet_socket()?;
+    link_up(&inet_socket()?, c"lo")
+}
+
+/// An `ifreq` naming interface `name`.
+fn ifreq(name: &std::ffi::CStr) -> libc::ifreq {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.to_bytes_with_nul()) {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: the ioctls read and write the ifreq we own, which names "lo".
+    req
+}
+
+/// Bring interface `name` up, through the ioctl socket `sock`.
+fn link_up(sock: &OwnedFd, name: &std::ffi::CStr) -> std::io::Result<()> {
+    let mut req = ifreq(name);
+    // SAFETY: the ioctls read and write the ifreq we own, which names the
+    // interface.
     unsafe {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
             return Err(std::io::Error::last_os_error());
