@@ -3,6 +3,7 @@
 #   - QEMU (microvm machine), e2fsprogs (mkfs.ext4 -d), xz-utils (vmlinux),
 #     busybox-static (the busybox template), dpkg-deb/apt-get (guest kernel)
 #   - vhost-device-vsock (vsock without /dev/vhost-vsock), from crates.io
+#   - /dev/net/tun (the tap of a microVM with a network)
 #   - the guest kernel package (linux-image-*-amd64 .deb, not installed on
 #     the host), into the tests' image cache
 #   - a static cove-agent for the initramfs, as the tests expect it
@@ -26,6 +27,15 @@ if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-amd64 >/dev/null 2>&
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# A microVM with a network gets a tap device: QEMU opens /dev/net/tun.
+if [ ! -e /dev/net/tun ]; then
+  modprobe tun 2>/dev/null || true
+  if [ ! -e /dev/net/tun ]; then
+    mkdir -p /dev/net && mknod -m 0666 /dev/net/tun c 10 200 || \
+      echo "scripts/vm-deps.sh: no /dev/net/tun; microVMs with a network will fail" >&2
+  fi
 fi
 
 if ! command -v vhost-device-vsock >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock" ]; then
