@@ -434,6 +434,23 @@ pub mod process {
         to: u64,
     }
 
+    /// The payload and offset of a base64 chunk in the exact shape the
+    /// daemon writes (`{"encoding":"base64","data":"…","offset":N}`),
+    /// found without a JSON pass over the payload; `None` for any other
+    /// shape, which then goes through the JSON parser.
+    fn base64_chunk(data: &[u8]) -> Option<(u64, &[u8])> {
+        let rest = data.strip_prefix(br#"{"encoding":"base64","data":""#)?;
+        let end = memchr::memchr(b'"', rest)?;
+        let offset = rest[end + 1..]
+            .strip_prefix(br#","offset":"#)?
+            .strip_suffix(b"}")?;
+        if offset.is_empty() || !offset.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let offset = std::str::from_utf8(offset).ok()?.parse().ok()?;
+        Some((offset, &rest[..end]))
+    }
+
     fn parse_event(name: &str, data: &[u8]) -> Option<StreamEvent> {
         match name {
             "start" => serde_json::from_slice::<serde_json::Value>(data)
@@ -441,6 +458,13 @@ pub mod process {
                 .and_then(|v| v["pid"].as_u64())
                 .map(|pid| StreamEvent::Start { pid: pid as u32 }),
             "stdout" | "stderr" => {
+                if let Some((offset, encoded)) = base64_chunk(data) {
+                    return Some(StreamEvent::Output {
+                        stream: name.to_string(),
+                        offset,
+                        data: base64_simd::STANDARD.decode_to_vec(encoded).ok()?,
+                    });
+                }
                 let chunk: Chunk<'_> = serde_json::from_slice(data).ok()?;
                 let bytes = match chunk.encoding {
                     cove_api::Encoding::Utf8 => chunk.data.into_owned().into_bytes(),
@@ -666,6 +690,45 @@ pub mod process {
                     })
                 }
                 Err(e) => Err(Error::Config(format!("WebSocket to {}: {e}", self.base))),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn output_chunks_parse_the_same_with_and_without_the_fast_path() {
+            let fast = br#"{"encoding":"base64","data":"AAEC/w==","offset":42}"#;
+            assert_eq!(base64_chunk(fast), Some((42, &b"AAEC/w=="[..])));
+            let expected = StreamEvent::Output {
+                stream: "stdout".into(),
+                offset: 42,
+                data: vec![0, 1, 2, 255],
+            };
+            assert_eq!(parse_event("stdout", fast), Some(expected.clone()));
+            // Other shapes (fields reordered, spaces, text) take the JSON path.
+            let reordered = br#"{"offset": 42, "encoding": "base64", "data": "AAEC/w=="}"#;
+            assert_eq!(base64_chunk(reordered), None);
+            assert_eq!(parse_event("stdout", reordered), Some(expected));
+            let text = br#"{"encoding":"utf-8","data":"a\"b","offset":7}"#;
+            assert_eq!(base64_chunk(text), None);
+            assert_eq!(
+                parse_event("stderr", text),
+                Some(StreamEvent::Output {
+                    stream: "stderr".into(),
+                    offset: 7,
+                    data: b"a\"b".to_vec(),
+                })
+            );
+            // A malformed offset or trailing field is not taken for a chunk.
+            for bad in [
+                &br#"{"encoding":"base64","data":"AA==","offset":}"#[..],
+                br#"{"encoding":"base64","data":"AA==","offset":1,"x":2}"#,
+                br#"{"encoding":"base64","data":"AA==","offset":-1}"#,
+            ] {
+                assert_eq!(base64_chunk(bad), None);
             }
         }
     }

@@ -24,6 +24,9 @@ pub(crate) struct SseDecoder {
     buf: Vec<u8>,
     /// Where the first line not yet parsed starts.
     pos: usize,
+    /// How far past `pos` the buffer is known to hold no line end: a long
+    /// line arriving in many reads is scanned once, not once per read.
+    scanned: usize,
     name: Option<String>,
     id: Option<String>,
     data: Vec<u8>,
@@ -46,13 +49,21 @@ impl SseDecoder {
     pub fn next_event(&mut self) -> Option<SseEvent> {
         loop {
             let rest = &self.buf[self.pos..];
-            let end = memchr::memchr2(b'\n', b'\r', rest)?;
+            let Some(end) = memchr::memchr2(b'\n', b'\r', &rest[self.scanned..]) else {
+                self.scanned = rest.len();
+                return None;
+            };
+            let end = self.scanned + end;
             // A `\r` at the very end may be the first half of `\r\n`.
             let terminator = match (rest[end], rest.get(end + 1)) {
                 (b'\r', Some(b'\n')) => 2,
-                (b'\r', None) => return None,
+                (b'\r', None) => {
+                    self.scanned = end;
+                    return None;
+                }
                 _ => 1,
             };
+            self.scanned = 0;
             let line_start = self.pos;
             self.pos += end + terminator;
             if end == 0 {
@@ -141,6 +152,22 @@ mod tests {
             }
             assert_eq!(got, expected, "pieces of {split} bytes");
         }
+    }
+
+    #[test]
+    fn a_long_line_in_many_reads_ends_at_its_first_terminator() {
+        let payload = "x".repeat(100_000);
+        let mut decoder = SseDecoder::default();
+        let mut got = Vec::new();
+        let stream = format!("event: stdout\ndata: {payload}\r\n\r\nevent: exit\ndata: 0\n\n");
+        for piece in stream.as_bytes().chunks(997) {
+            decoder.push(piece);
+            got.extend(all(&mut decoder));
+        }
+        assert_eq!(
+            got,
+            vec![event("stdout", None, &payload), event("exit", None, "0")]
+        );
     }
 
     #[test]
