@@ -25,9 +25,9 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use cove_api::{
     Encoding, ErrorBody, ErrorCode, ExecRequest, ExecResult, ExitInfo, ProcessInfo, ProcessList,
     Scope, SignalRequest, Started, StdinWritten,
@@ -37,7 +37,6 @@ use cove_protocol::{ExitStatus, Stream};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use utoipa::IntoParams;
 
 use super::AppState;
@@ -46,7 +45,11 @@ use crate::error::ApiError;
 use crate::exec;
 
 /// Output credit a stream grants the agent at a time.
-const STREAM_WINDOW: u64 = 1 << 20;
+const STREAM_WINDOW: u64 = 2 << 20;
+
+/// Rendered events a stream holds on their way to the client's socket
+/// (each at most `JOIN_OUTPUT` bytes of output, base64 or text).
+const EVENTS_IN_FLIGHT: usize = 4;
 
 fn exit_info(status: &ExitStatus) -> ExitInfo {
     ExitInfo {
@@ -390,6 +393,29 @@ fn resume_from(headers: &HeaderMap, query: &StreamQuery) -> Result<[u64; 2], Api
     ])
 }
 
+/// One server-sent event, rendered: `event`, `id` and a one-line `data`
+/// (JSON never holds a raw newline). Written by hand rather than through
+/// axum's `Event`, which copies and scans the data once more: on a fast
+/// stream the payload is most of the daemon's work.
+fn sse_event(name: &str, id: Option<&str>, data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + name.len() + 32);
+    sse_head(&mut out, name, id);
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// The lines of an event before its data, and the `data: ` prefix.
+fn sse_head(out: &mut Vec<u8>, name: &str, id: Option<&str>) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    if let Some(id) = id {
+        out.extend_from_slice(b"\nid: ");
+        out.extend_from_slice(id.as_bytes());
+    }
+    out.extend_from_slice(b"\ndata: ");
+}
+
 /// Turns output chunks into SSE events, keeping offsets and holding back an
 /// incomplete UTF-8 sequence at the end of a chunk for the next one.
 struct EventWriter {
@@ -403,7 +429,11 @@ impl EventWriter {
         format!("{}.{}", self.next[0], self.next[1])
     }
 
-    fn chunk(&mut self, stream: Stream, offset: u64, data: &[u8], last: bool) -> Option<Event> {
+    fn event(&self, name: &str, data: &str) -> Bytes {
+        sse_event(name, Some(&self.id()), data)
+    }
+
+    fn chunk(&mut self, stream: Stream, offset: u64, data: &[u8], last: bool) -> Option<Bytes> {
         let i = if stream == Stream::Stdout { 0 } else { 1 };
         if self.pending[i].is_empty() {
             self.next[i] = offset;
@@ -418,8 +448,6 @@ impl EventWriter {
             joined = held;
             &joined
         };
-        // The event's JSON is written by hand: the payload is the bulk of
-        // it, and base64 needs no escaping.
         // How much of the chunk goes as text; None: all of it as base64.
         let text_len = match self.encoding {
             Encoding::Base64 => None,
@@ -433,39 +461,35 @@ impl EventWriter {
                 Err(_) => None,
             },
         };
-        // The event's JSON is written by hand: the payload is the bulk of
-        // it, and base64 needs no escaping.
-        let mut json = String::with_capacity(bytes.len() * 4 / 3 + 80);
-        let used = match text_len {
-            Some(len) => {
-                let text = std::str::from_utf8(&bytes[..len]).unwrap_or_default();
-                json.push_str(r#"{"encoding":"utf-8","data":"#);
-                json.push_str(&serde_json::to_string(text).unwrap_or_default());
-                len
-            }
-            None => {
-                json.push_str(r#"{"encoding":"base64","data":""#);
-                base64_simd::STANDARD.encode_append(bytes, &mut json);
-                json.push('"');
-                bytes.len()
-            }
-        };
+        let used = text_len.unwrap_or(bytes.len());
         self.pending[i] = bytes[used..].to_vec();
         if used == 0 {
             return None;
         }
         let start = self.next[i];
         self.next[i] += used as u64;
-        json.push_str(&format!(r#","offset":{start}}}"#));
-        Some(
-            Event::default()
-                .event(stream.name())
-                .id(self.id())
-                .data(json),
-        )
+        // The event is written straight into its buffer: the payload is the
+        // bulk of it, and base64 needs no escaping.
+        let mut out = Vec::with_capacity(used * 4 / 3 + 128);
+        sse_head(&mut out, stream.name(), Some(&self.id()));
+        match text_len {
+            Some(len) => {
+                let text = std::str::from_utf8(&bytes[..len]).unwrap_or_default();
+                out.extend_from_slice(br#"{"encoding":"utf-8","data":"#);
+                let _ = serde_json::to_writer(&mut out, text);
+            }
+            None => {
+                out.extend_from_slice(br#"{"encoding":"base64","data":""#);
+                base64_simd::STANDARD.encode_append(&bytes[..used], &mut out);
+                out.extend_from_slice(b"\"");
+            }
+        }
+        out.extend_from_slice(format!(r#","offset":{start}}}"#).as_bytes());
+        out.extend_from_slice(b"\n\n");
+        Some(Bytes::from(out))
     }
 
-    fn flush(&mut self) -> Vec<Event> {
+    fn flush(&mut self) -> Vec<Bytes> {
         let mut events = Vec::new();
         for stream in [Stream::Stdout, Stream::Stderr] {
             let i = if stream == Stream::Stdout { 0 } else { 1 };
@@ -480,11 +504,16 @@ impl EventWriter {
     }
 }
 
-/// Most output bytes joined into one SSE event.
+/// Most output bytes joined into one SSE event (a single chunk from the
+/// agent, at most `MAX_OUTPUT_CHUNK`, is never split).
 const JOIN_OUTPUT: usize = 1 << 20;
 
+/// How long a stream may be silent before a heartbeat comment goes out
+/// (proxies close connections that look idle).
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
 /// Relay a process's events into an SSE channel until it exits.
-async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mpsc::Sender<Event>) {
+async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mpsc::Sender<Bytes>) {
     let mut writer = EventWriter {
         next: from,
         pending: [Vec::new(), Vec::new()],
@@ -502,9 +531,7 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
             Err(err) => {
                 let data =
                     serde_json::json!({ "message": format!("lost the sandbox's agent: {err}") });
-                let _ = tx
-                    .send(Event::default().event("error").data(data.to_string()))
-                    .await;
+                let _ = tx.send(sse_event("error", None, &data.to_string())).await;
                 return;
             }
         };
@@ -523,8 +550,11 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
                             offset: more_offset,
                             data: more,
                         })) if more_stream == stream
-                            && more_offset == offset + data.len() as u64 =>
+                            && more_offset == offset + data.len() as u64
+                            && data.len() + more.len() <= JOIN_OUTPUT =>
                         {
+                            // Grown once, not doubled (and copied) a few times.
+                            data.reserve_exact(JOIN_OUTPUT.saturating_sub(data.len()));
                             data.extend_from_slice(&more);
                         }
                         Some(other) => {
@@ -544,17 +574,12 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
                 writer.pending[i].clear();
                 writer.next[i] = to;
                 let data = serde_json::json!({ "stream": stream.name(), "from": from, "to": to });
-                vec![
-                    Event::default()
-                        .event("dropped")
-                        .id(writer.id())
-                        .data(data.to_string()),
-                ]
+                vec![writer.event("dropped", &data.to_string())]
             }
             ProcessEvent::Exited(status) => {
                 let mut events = writer.flush();
                 let data = serde_json::to_string(&exit_info(&status)).unwrap_or_default();
-                events.push(Event::default().event("exit").id(writer.id()).data(data));
+                events.push(writer.event("exit", &data));
                 for event in events {
                     if tx.send(event).await.is_err() {
                         return;
@@ -572,14 +597,24 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
     }
 }
 
-fn sse(rx: mpsc::Receiver<Event>) -> Response {
-    let stream = ReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    Sse::new(stream)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_secs(15))
-                .text("heartbeat"),
-        )
+/// A `text/event-stream` response of the events sent on `rx`, with a
+/// heartbeat comment whenever the stream has been silent for a while.
+fn sse(rx: mpsc::Receiver<Bytes>) -> Response {
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        let next = match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => return None,
+            Err(_silent) => Bytes::from_static(b":heartbeat\n\n"),
+        };
+        Some((Ok::<_, Infallible>(next), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events),
+    )
         .into_response()
 }
 
@@ -611,12 +646,9 @@ pub async fn exec_stream(
     state.manager.metrics().execs.inc();
     let started = exec::spawn_followed(&agent, spec, STREAM_WINDOW, stdin, req.stdin_open).await?;
     let pid = started.pid();
-    let (tx, rx) = mpsc::channel(8);
-    let start = Event::default()
-        .event("start")
-        .id("0.0")
-        .data(serde_json::json!({ "pid": pid }).to_string());
-    let _ = tx.send(start).await;
+    let (tx, rx) = mpsc::channel(EVENTS_IN_FLIGHT);
+    let start = serde_json::json!({ "pid": pid }).to_string();
+    let _ = tx.send(sse_event("start", Some("0.0"), &start)).await;
     tokio::spawn(async move {
         let _agent = agent;
         relay(started, [0, 0], req.encoding, tx).await;
@@ -649,7 +681,7 @@ pub async fn stream(
         .attach(pid, from, STREAM_WINDOW, backpressure)
         .await
         .map_err(|e| attach_error(pid, e))?;
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, rx) = mpsc::channel(EVENTS_IN_FLIGHT);
     let encoding = query.encoding.unwrap_or_default();
     tokio::spawn(async move {
         let _agent = agent;
@@ -793,6 +825,51 @@ async fn websocket(socket: WebSocket, agent: AgentClient, mut process: Process, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_gets_heartbeats_then_its_events_then_ends() {
+        let (tx, rx) = mpsc::channel(EVENTS_IN_FLIGHT);
+        let response = sse(rx);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let mut body = response.into_body().into_data_stream();
+        let mut next = async || body.next().await.map(|b| b.unwrap());
+        // Nothing to say for HEARTBEAT: a comment goes out (the paused
+        // clock moves on by itself).
+        let before = tokio::time::Instant::now();
+        assert_eq!(next().await.unwrap(), &b":heartbeat\n\n"[..]);
+        assert!(before.elapsed() >= HEARTBEAT);
+        tx.send(sse_event("exit", Some("3.0"), r#"{"exit_code":0}"#))
+            .await
+            .unwrap();
+        assert_eq!(
+            next().await.unwrap(),
+            &b"event: exit\nid: 3.0\ndata: {\"exit_code\":0}\n\n"[..]
+        );
+        drop(tx);
+        assert!(next().await.is_none());
+    }
+
+    #[test]
+    fn base64_and_text_chunks_render_as_one_event_each() {
+        let mut w = EventWriter {
+            next: [0, 0],
+            pending: [Vec::new(), Vec::new()],
+            encoding: Encoding::Utf8,
+        };
+        let text = w.chunk(Stream::Stdout, 0, b"a\"b\n", false).unwrap();
+        assert_eq!(
+            &text[..],
+            &b"event: stdout\nid: 4.0\ndata: {\"encoding\":\"utf-8\",\"data\":\"a\\\"b\\n\",\"offset\":0}\n\n"[..]
+        );
+        let binary = w.chunk(Stream::Stderr, 5, &[0, 0xff, 1], false).unwrap();
+        assert_eq!(
+            &binary[..],
+            &b"event: stderr\nid: 4.8\ndata: {\"encoding\":\"base64\",\"data\":\"AP8B\",\"offset\":5}\n\n"[..]
+        );
+    }
 
     #[test]
     fn utf8_split_across_chunks_is_held_back() {
