@@ -46,6 +46,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             "cove serve needs root to create namespaces and cgroups (try sudo)",
         ));
     }
+    cove_agent::keep_freed_buffers();
     let file = match &args.config {
         Some(path) => ConfigFile::load(path).map_err(|e| Failure::new(e.to_string()))?,
         None => ConfigFile::default(),

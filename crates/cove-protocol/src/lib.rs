@@ -41,7 +41,7 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 
 /// Largest piece of a process's output in one `Output` frame: output that
 /// has piled up while the host was busy goes in few large frames.
-pub const MAX_OUTPUT_CHUNK: usize = 256 * 1024;
+pub const MAX_OUTPUT_CHUNK: usize = 1024 * 1024;
 
 /// Default initial output credit for a process.
 pub const DEFAULT_WINDOW: u64 = 1024 * 1024;
