@@ -475,7 +475,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
         }
     }
     println!(
-        "\nN = {} MiB in the streaming cases; {} MiB files in the transfer cases",
+        "\nRates are medians of 3 alternating rounds. N = {} MiB in the streaming cases; {} MiB files in the transfer cases",
         args.stream_mib, args.file_mib
     );
     if let Some(phases) = vm_phases {
