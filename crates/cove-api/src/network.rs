@@ -51,7 +51,9 @@ pub struct NetworkRequest {
     pub deny_out: Vec<String>,
     /// Ports of the sandbox to publish on the host's loopback: a port
     /// number (the host port is picked by the kernel), or
-    /// `{"port": 8080, "host_port": 18080}`. Works in every mode.
+    /// `{"port": 8080, "host_port": 18080}`. Works in every mode on the
+    /// namespace backend; a microVM publishes ports with `egress` only, and
+    /// its server must listen on the guest's address, not on localhost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exposed_ports: Vec<PortRequest>,
 }

@@ -997,9 +997,11 @@ fn a_microvm_gets_egress_under_the_same_policy() {
     ]);
     d.build_template("busybox");
 
-    let id = d.create(json!({"backend": "microvm", "network": {"allow_out": ["good.test"]}}));
+    let id = d.create(json!({"backend": "microvm",
+        "network": {"allow_out": ["good.test"], "exposed_ports": [8000]}}));
     let net = network_of(&d, &id);
     assert_eq!(net["mode"], "egress", "{net}");
+    let host_port = net["ports"][0]["host_port"].as_u64().unwrap() as u16;
     let address = net["address"].as_str().unwrap().to_string();
     assert!(address.starts_with("10.77."), "{net}");
     // The guest holds the sandbox's address, behind eth0.
@@ -1028,6 +1030,19 @@ fn a_microvm_gets_egress_under_the_same_policy() {
         r["stdout"].as_str().unwrap().trim(),
         format!("hello from {}", lab.good())
     );
+    // A server in the guest, on its published port (busybox's httpd
+    // listens on every address, as a microVM's server must).
+    let r = d.sh(
+        &id,
+        "mkdir -p /tmp/www && echo published > /tmp/www/index.html && httpd -p 8000 -h /tmp/www",
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let published = || {
+        host(&format!(
+            "for i in $(seq 50); do curl -sf http://127.0.0.1:{host_port}/index.html && exit; sleep 0.2; done; exit 1"
+        ))
+    };
+    assert_eq!(published(), (true, "published\n".to_string()));
     // Not named by the policy: neither resolved nor reached.
     assert_ne!(lookup(&d, "bad.test")["exit_code"], 0);
     assert_ne!(wget(&d, &lab.other())["exit_code"], 0);
@@ -1048,15 +1063,26 @@ fn a_microvm_gets_egress_under_the_same_policy() {
     assert!(lab.table().unwrap().contains(&id));
     assert_eq!(wget(&d, &lab.good())["exit_code"], 0);
     assert_ne!(wget(&d, &lab.other())["exit_code"], 0);
+    assert_eq!(published(), (true, "published\n".to_string()));
 
-    // Published ports are the namespace backend's only: a 400 at create.
+    // A microVM reaches its published ports over its network device: asked
+    // for without egress, a 400 that says so.
     let (status, answer) = d.call(
         "POST",
         "/v1/sandboxes",
         Some(json!({"backend": "microvm", "network": {"exposed_ports": [8000]}})),
     );
     assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("egress"),
+        "{answer}"
+    );
 
     delete(&d, &id);
+    // The port is closed with the sandbox.
+    assert!(TcpStream::connect(("127.0.0.1", host_port)).is_err());
     lab.assert_clean(&[&id]);
 }

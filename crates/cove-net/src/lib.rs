@@ -544,11 +544,10 @@ impl Network {
         }
         // From here the address belongs to the attached sandbox.
         prepared.stored.address = None;
+        let upstream = upstream(&stored, &netns);
         let port_tasks = std::mem::take(&mut prepared.listeners)
             .into_iter()
-            .map(|(mapping, listener)| {
-                ports::serve(listener, netns.clone(), mapping.port, stored.address)
-            })
+            .map(|(mapping, listener)| ports::serve(listener, upstream.clone(), mapping.port))
             .collect();
         self.inner
             .attached
@@ -838,14 +837,12 @@ impl Network {
             }
         }
         let mut port_tasks = Vec::new();
+        let upstream = upstream(&stored, &netns);
         for mapping in &stored.ports {
             match ports::bind(mapping.host_port).await {
-                Ok(listener) => port_tasks.push(ports::serve(
-                    listener,
-                    netns.clone(),
-                    mapping.port,
-                    stored.address,
-                )),
+                Ok(listener) => {
+                    port_tasks.push(ports::serve(listener, upstream.clone(), mapping.port))
+                }
                 Err(err) => tracing::warn!(%id, host_port = mapping.host_port, %err,
                     "cannot publish the port again after the restart"),
             }
@@ -924,6 +921,18 @@ impl Network {
 }
 
 /// Let the host route between the bridge and its other networks.
+/// Where a sandbox's published ports lead: into its namespace, or to its
+/// guest's address when it is a microVM bridged to a tap.
+fn upstream(stored: &Stored, netns: &Arc<OwnedFd>) -> ports::Upstream {
+    match (&stored.guest_link, stored.address) {
+        (Some(_), Some(address)) => ports::Upstream::Guest(address),
+        _ => ports::Upstream::Namespace {
+            netns: netns.clone(),
+            address: stored.address,
+        },
+    }
+}
+
 fn enable_forwarding() -> Result<(), String> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
     if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
@@ -938,6 +947,29 @@ fn enable_forwarding() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_ports_lead_into_the_namespace_or_to_a_guest() {
+        let netns = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let address = Some(Ipv4Addr::new(10, 88, 0, 2));
+        let namespace = Stored {
+            address,
+            ..Stored::default()
+        };
+        assert!(matches!(
+            upstream(&namespace, &netns),
+            ports::Upstream::Namespace { address: a, .. } if a == address
+        ));
+        let guest = Stored {
+            address,
+            guest_link: Some("tap0".into()),
+            ..Stored::default()
+        };
+        assert!(matches!(
+            upstream(&guest, &netns),
+            ports::Upstream::Guest(a) if Some(a) == address
+        ));
+    }
 
     #[test]
     fn veth_names_round_trip() {

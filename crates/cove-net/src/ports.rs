@@ -19,28 +19,44 @@ use tokio::task::JoinHandle;
 
 use crate::netns;
 
+/// How long a connection into the sandbox may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn no_answer(target: SocketAddr) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{target}: no answer"))
+}
+
 /// Bind 127.0.0.1:`host_port` (0: any free port).
 pub async fn bind(host_port: u16) -> io::Result<TcpListener> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, host_port)).await
 }
 
+/// Where the connections to a published port go.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    /// A sandbox with a network namespace of its own: its loopback, then
+    /// its bridge address (if it has one), connected from inside it.
+    Namespace {
+        netns: Arc<OwnedFd>,
+        address: Option<Ipv4Addr>,
+    },
+    /// A microVM: its guest's address on the sandbox bridge, connected
+    /// from the host's namespace.
+    Guest(Ipv4Addr),
+}
+
 /// Forward every connection to `listener` into `port` of the sandbox
-/// whose network namespace is `netns`.
-pub fn serve(
-    listener: TcpListener,
-    netns: Arc<OwnedFd>,
-    port: u16,
-    address: Option<Ipv4Addr>,
-) -> JoinHandle<()> {
+/// behind `upstream`.
+pub fn serve(listener: TcpListener, upstream: Upstream, port: u16) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let netns = netns.clone();
+            let upstream = upstream.clone();
             tokio::spawn(async move {
-                match connect(&netns, port, address).await {
+                match connect(&upstream, port).await {
                     Ok(upstream) => proxy(client, upstream).await,
                     Err(err) => {
                         tracing::debug!(port, %err, "published port: nothing answers in the sandbox");
@@ -58,7 +74,17 @@ async fn proxy(mut client: TcpStream, mut upstream: TcpStream) {
 }
 
 /// A connection to `port` in the sandbox.
-async fn connect(netns: &OwnedFd, port: u16, address: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+async fn connect(upstream: &Upstream, port: u16) -> io::Result<TcpStream> {
+    let (netns, address) = match upstream {
+        Upstream::Namespace { netns, address } => (netns, *address),
+        Upstream::Guest(address) => {
+            let target = SocketAddr::from((*address, port));
+            return match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+                Ok(result) => result,
+                Err(_) => Err(no_answer(target)),
+            };
+        }
+    };
     let mut targets: Vec<SocketAddr> = vec![
         (Ipv4Addr::LOCALHOST, port).into(),
         (Ipv6Addr::LOCALHOST, port).into(),
@@ -73,12 +99,10 @@ async fn connect(netns: &OwnedFd, port: u16, address: Option<Ipv4Addr>) -> io::R
                 continue;
             }
         };
-        match tokio::time::timeout(Duration::from_secs(10), socket.connect(target)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(e)) => last = e,
-            Err(_) => {
-                last = io::Error::new(io::ErrorKind::TimedOut, format!("{target}: no answer"));
-            }
+            Err(_) => last = no_answer(target),
         }
     }
     Err(last)

@@ -447,6 +447,17 @@ impl Manager {
                      use the namespace backend for a server the host reaches"
                 )));
             }
+            (_, true)
+                if !req.network.exposed_ports.is_empty()
+                    && backend.guest_link().is_some()
+                    && req.network.effective_mode() == cove_api::NetworkMode::None =>
+            {
+                return Err(ApiError::invalid(format!(
+                    "a {backend_name} sandbox's exposed_ports are reached over its network device, \
+                     which it gets with network egress: add \"mode\": \"egress\" to \"network\" \
+                     (allow_out and deny_out still limit what it reaches), or use the namespace backend"
+                )));
+            }
             (None, true) => {
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,

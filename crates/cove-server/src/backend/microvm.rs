@@ -264,8 +264,10 @@ impl Backend for MicrovmBackend {
         true
     }
 
+    /// Reached over the guest's network device: a microVM publishes
+    /// ports only with network egress (see `guest_link`).
     fn supports_published_ports(&self) -> bool {
-        false
+        true
     }
 
     fn guest_link(&self) -> Option<&'static str> {
