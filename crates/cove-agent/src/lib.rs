@@ -52,6 +52,9 @@ pub struct AgentConfig {
     pub oom_events: Option<OwnedFd>,
     /// The filesystem root the agent resolves users against (`/`).
     pub root: PathBuf,
+    /// The sandbox's writable layer (an overlay upper directory), when the
+    /// host cannot read it itself: a microVM's lives in guest memory.
+    pub writable_layer: Option<OwnedFd>,
 }
 
 /// Where connections come from.
@@ -153,7 +156,7 @@ fn run_with(config: AgentConfig, endpoints: Endpoints, incoming: Option<MakeInco
 }
 
 async fn serve(
-    config: AgentConfig,
+    mut config: AgentConfig,
     endpoints: Endpoints,
     incoming: Option<MakeIncoming<'_>>,
 ) -> i32 {
@@ -173,6 +176,7 @@ async fn serve(
         &config.cwd,
         config.user.clone(),
         config.hostname.clone(),
+        config.writable_layer.take(),
     );
     let agent = Rc::new(Agent {
         config,

@@ -33,6 +33,7 @@ fn main() {
         cgroups: None,
         oom_events: None,
         root: PathBuf::from("/"),
+        writable_layer: None,
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());

@@ -25,7 +25,9 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+use nix::fcntl::OFlag;
 use nix::mount::{MsFlags, mount};
+use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -159,6 +161,14 @@ fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
     // longer needed (the modules are loaded, the agent is already mapped).
     let _ = std::fs::remove_dir_all(MODULES_DIR);
     let _ = std::fs::remove_file("/init");
+    // Kept open for snapshots: after the switch the upper directory is
+    // out of every path's reach, under the new root.
+    let upper = nix::fcntl::open(
+        "/cove/rw/upper",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open the writable layer: {e}"))?;
     switch_root("/cove/root")?;
 
     for dir in ["/proc", "/sys", "/dev", "/tmp"] {
@@ -210,6 +220,7 @@ fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
         cgroups: cgroup_root(vm.pids_max)?,
         oom_events: None,
         root: "/".into(),
+        writable_layer: Some(upper),
     };
     Ok((config, (vm.vsock_port, vm.ready_port)))
 }

@@ -377,6 +377,7 @@ fn sandbox_main(
                 cgroups,
                 oom_events,
                 root: PathBuf::from("/"),
+                writable_layer: None,
             };
             cove_agent::run(
                 agent,

@@ -130,6 +130,14 @@ pub enum FsOp {
         recursive: bool,
         window: u64,
     },
+    /// A tar archive of the sandbox's writable layer, for a snapshot of a
+    /// sandbox whose layer the host cannot read (a microVM's overlay upper
+    /// directory lives in guest memory). It is an image layer: what was
+    /// deleted from the layers below is a `.wh.NAME` entry, a directory
+    /// that hides everything below it holds `.wh..wh..opq`.
+    WritableLayer {
+        window: u64,
+    },
 }
 
 /// What the agent says about operation `req` (inside `AgentMessage::Fs`).

@@ -1220,17 +1220,39 @@ impl Manager {
         let instance = entry
             .instance()
             .ok_or_else(|| ApiError::internal("the sandbox has no backend instance"))?;
-        let upper = instance.writable_layer().map_err(backend_error)?;
-        let freeze = state == SandboxState::Running;
-        if freeze {
-            instance.pause().await.map_err(backend_error)?;
-        }
-        let copier = templates.clone();
-        let staged = blocking(move || copier.stage_snapshot(&upper)).await;
-        if freeze {
-            instance.resume().await.map_err(backend_error)?;
-        }
-        let staged = staged?.map_err(template_error)?;
+        let staged = if instance.layer_in_guest() {
+            // Its agent reads the layer, so the sandbox cannot be frozen
+            // meanwhile: what a process writes during the copy may or may
+            // not be in it.
+            if state != SandboxState::Running {
+                return Err(ApiError::new(
+                    ErrorCode::SandboxPaused,
+                    format!(
+                        "sandbox {id} is paused, and a microVM's writable layer is read by its \
+                         agent: resume it, then take the snapshot"
+                    ),
+                ));
+            }
+            let agent = entry.agent().ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::AgentUnreachable,
+                    format!("the agent of sandbox {id} does not answer"),
+                )
+            })?;
+            self.stage_guest_layer(&agent, id).await?
+        } else {
+            let upper = instance.writable_layer().map_err(backend_error)?;
+            let freeze = state == SandboxState::Running;
+            if freeze {
+                instance.pause().await.map_err(backend_error)?;
+            }
+            let copier = templates.clone();
+            let staged = blocking(move || copier.stage_snapshot(&upper)).await;
+            if freeze {
+                instance.resume().await.map_err(backend_error)?;
+            }
+            staged?.map_err(template_error)?
+        };
         let source = cove_template::SnapshotSource {
             kind,
             layers,
@@ -1242,6 +1264,49 @@ impl Manager {
             .await?
             .map_err(template_error)?;
         Ok(template_info(&template))
+    }
+
+    /// Stage the writable layer that sandbox `id`'s agent sends as an
+    /// image layer, unpacking it while it arrives.
+    async fn stage_guest_layer(
+        &self,
+        agent: &AgentClient,
+        id: &str,
+    ) -> Result<cove_template::StagedSnapshot, ApiError> {
+        let mut download = agent
+            .fs_writable_layer()
+            .await
+            .map_err(crate::api::files::file_error)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let templates = self.inner.templates.clone();
+        let what = format!("the writable layer of {id}");
+        let unpack = tokio::task::spawn_blocking(move || {
+            templates.stage_snapshot_layer(ChunkReader::new(rx), &what)
+        });
+        let mut failed = None;
+        loop {
+            match download.next_chunk().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the unpacking stopped; its error follows
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let staged = unpack
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        // A broken download is an error even if what arrived unpacked.
+        if let Some(err) = failed {
+            return Err(crate::api::files::file_error(err));
+        }
+        staged.map_err(template_error)
     }
 
     /// Destroy sandboxes whose time is up; forget long-ended ones.
@@ -1496,6 +1561,39 @@ fn template_info(t: &Template) -> TemplateInfo {
 }
 
 /// A template store error as the API answers it.
+/// The chunks of a download as a blocking reader, for an unpacker on a
+/// blocking thread.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl ChunkReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> ChunkReader {
+        ChunkReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => (self.chunk, self.pos) = (chunk, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.pos);
+        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 fn template_error(err: TemplateError) -> ApiError {
     let code = match &err {
         TemplateError::Unknown { .. } => ErrorCode::NotFound,

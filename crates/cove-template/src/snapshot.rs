@@ -7,6 +7,11 @@
 //! which are shared, not copied. Creating a sandbox from the snapshot is
 //! then as fast as from any template: one more lower directory.
 //!
+//! A microVM's upper directory lives in guest memory: its agent sends it
+//! as an image layer (`.wh.` markers for whiteouts and opaque
+//! directories), which [`TemplateStore::stage_snapshot_layer`] unpacks
+//! into the same staging layer, overlayfs' markers restored.
+//!
 //! The copy is split in two so the caller can freeze the sandbox for the
 //! copy only: [`TemplateStore::stage_snapshot`] copies (nothing else),
 //! [`TemplateStore::finish_snapshot`] digests, stores and names it while
@@ -15,7 +20,8 @@
 use std::fs;
 use std::path::Path;
 
-use crate::import::copy_error;
+use crate::extract;
+use crate::import::{copy_error, extract_error};
 use crate::layers::{Digest, LayerInfo, Staging};
 use crate::tree::{self, CopyRules, CopyStats};
 use crate::{ImageConfig, Template, TemplateError, TemplateKind, TemplateStore, io_err, now};
@@ -55,6 +61,27 @@ impl TemplateStore {
         Ok(StagedSnapshot {
             staging,
             stats,
+            _busy: busy,
+        })
+    }
+
+    /// Unpack a writable layer sent as an image layer (an uncompressed
+    /// tar stream) into a staging layer.
+    pub fn stage_snapshot_layer(
+        &self,
+        layer: impl std::io::Read,
+        what: &str,
+    ) -> Result<StagedSnapshot, TemplateError> {
+        let busy = self.importing()?;
+        let staging = self.layers().stage()?;
+        let stats = extract::extract(layer, &staging.fs()).map_err(|e| extract_error(what, e))?;
+        Ok(StagedSnapshot {
+            staging,
+            stats: CopyStats {
+                bytes: stats.bytes,
+                entries: stats.entries,
+                skipped: stats.skipped_devices,
+            },
             _busy: busy,
         })
     }

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use cove_protocol::fs::{FileKind, FsDone, FsError, FsErrorKind, FsReply};
@@ -113,7 +113,14 @@ struct Packer<'a> {
     links: HashMap<(u64, u64), Vec<u8>>,
     dev: u64,
     entries: u64,
+    /// Packing an overlay upper directory as an image layer: whiteouts
+    /// (0/0 character devices) become `.wh.NAME`, opaque directories get
+    /// a `.wh..wh..opq` entry.
+    layer: bool,
 }
+
+/// The xattr overlayfs marks an opaque directory with.
+const OPAQUE_XATTR: &CStr = c"trusted.overlay.opaque";
 
 fn header_for(st: &FileStat, kind: EntryType, size: u64) -> Header {
     let mut header = Header::new_gnu();
@@ -139,6 +146,16 @@ impl Packer<'_> {
         let shown_name = String::from_utf8_lossy(archive_name).into_owned();
         let name_path = OsStr::from_bytes(archive_name);
         let fail = |e: std::io::Error| tar_error(e, &shown_name);
+        if self.layer && kind_of(st) == FileKind::CharDevice && st.st_rdev == 0 {
+            // A whiteout: NAME was deleted from the layers below.
+            let split = archive_name.iter().rposition(|&b| b == b'/');
+            let (parent, base) = match split {
+                Some(i) => archive_name.split_at(i + 1),
+                None => (&b""[..], archive_name),
+            };
+            let marker = [parent, b".wh.", base].concat();
+            return self.marker(st, &marker, &shown_name);
+        }
         match kind_of(st) {
             FileKind::Dir => {
                 let mut dir_name = archive_name.to_vec();
@@ -163,6 +180,11 @@ impl Packer<'_> {
                     Mode::empty(),
                 )
                 .map_err(|e| errno_error(e, &shown_name))?;
+                if self.layer && is_opaque(&child) {
+                    // Nothing of the layers below shows through.
+                    dir_name.extend_from_slice(b".wh..wh..opq");
+                    self.marker(st, &dir_name, &shown_name)?;
+                }
                 self.add_children(&child, archive_name, depth + 1)
             }
             FileKind::File => {
@@ -238,6 +260,17 @@ impl Packer<'_> {
         }
     }
 
+    /// An empty regular file named `name`: a whiteout marker.
+    fn marker(&mut self, st: &FileStat, name: &[u8], shown: &str) -> Result<(), FsError> {
+        let mut header = header_for(st, EntryType::Regular, 0);
+        header.set_mode(0o644);
+        self.builder
+            .append_data(&mut header, OsStr::from_bytes(name), std::io::empty())
+            .map_err(|e| tar_error(e, shown))?;
+        self.entries += 1;
+        Ok(())
+    }
+
     fn add_children(&mut self, dir: &OwnedFd, prefix: &[u8], depth: u32) -> Result<(), FsError> {
         let shown_prefix = String::from_utf8_lossy(prefix).into_owned();
         let mut names = read_names(dir).map_err(|e| errno_error(e, &shown_prefix))?;
@@ -261,7 +294,31 @@ impl Packer<'_> {
 
 /// Stream a tar archive of `path`. Entries are named from the path's last
 /// component (`out.txt`, `dir/`, `dir/a`); for `/`, from its children.
+/// Whether the directory open as `dir` is an opaque overlay directory.
+fn is_opaque(dir: &OwnedFd) -> bool {
+    let mut value = [0u8; 4];
+    // SAFETY: fgetxattr writes at most `value.len()` bytes into `value`.
+    let n = unsafe {
+        libc::fgetxattr(
+            dir.as_raw_fd(),
+            OPAQUE_XATTR.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n == 1 && value[0] == b'y'
+}
+
+/// Archive the whole of `root`, a writable layer, as an image layer.
+pub(crate) fn pack_layer(root: &Root, ctx: &Ctx) -> Result<FsDone, FsError> {
+    pack_with(root, ctx, "/", true)
+}
+
 pub(crate) fn pack(root: &Root, ctx: &Ctx, path: &str) -> Result<FsDone, FsError> {
+    pack_with(root, ctx, path, false)
+}
+
+fn pack_with(root: &Root, ctx: &Ctx, path: &str, layer: bool) -> Result<FsDone, FsError> {
     let abs = root.absolute(path)?;
     let is_root = abs.trim_matches('/').is_empty();
     let (dir, name, st) = if is_root {
@@ -290,6 +347,7 @@ pub(crate) fn pack(root: &Root, ctx: &Ctx, path: &str) -> Result<FsDone, FsError
         links: HashMap::new(),
         dev: st.st_dev,
         entries: 0,
+        layer,
     };
     if is_root {
         packer.add_children(&dir, b"", 1)?;

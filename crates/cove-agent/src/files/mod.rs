@@ -42,6 +42,8 @@ struct Connection {
 /// The file operations of one agent.
 pub(crate) struct Files {
     root: Result<Arc<Root>, FsError>,
+    /// The writable layer, when the agent is the one to read it (microVMs).
+    layer: Option<Arc<Root>>,
     /// The sandbox's root as a path, for reading its /etc/passwd.
     root_path: PathBuf,
     /// The sandbox's default user, who owns what uploads create.
@@ -57,9 +59,11 @@ impl Files {
         cwd: &str,
         user: Option<String>,
         hostname: String,
+        layer: Option<std::os::fd::OwnedFd>,
     ) -> Files {
         Files {
             root: Root::open(root, cwd).map(Arc::new),
+            layer: layer.map(|fd| Arc::new(Root::from_fd(fd))),
             root_path: root.to_path_buf(),
             user,
             hostname,
@@ -124,11 +128,20 @@ impl Files {
     }
 
     fn start(&self, req: u32, op: FsOp, tx: &ConnTx) -> Result<(), FsError> {
-        let root = self.root.clone()?;
+        let root = match &op {
+            FsOp::WritableLayer { .. } => self.layer.clone().ok_or_else(|| {
+                FsError::new(
+                    FsErrorKind::Invalid,
+                    "this sandbox's writable layer is on the host, which snapshots it itself",
+                )
+            })?,
+            _ => self.root.clone()?,
+        };
         let (root_path, user) = (self.root_path.clone(), self.user.clone());
         let ctl = Control::new(match &op {
             FsOp::Read { window, .. }
             | FsOp::TarOut { window, .. }
+            | FsOp::WritableLayer { window }
             | FsOp::Watch { window, .. } => *window,
             _ => 0,
         });
@@ -250,6 +263,7 @@ fn run(
             ops::remove(root, ctx, &path, recursive).map(|()| FsDone::Ok)
         }
         FsOp::TarOut { path, .. } => archive::pack(root, ctx, &path),
+        FsOp::WritableLayer { .. } => archive::pack_layer(root, ctx),
         FsOp::TarIn { path } => archive::unpack(root, ctx, &path, owner),
         FsOp::Watch {
             path, recursive, ..

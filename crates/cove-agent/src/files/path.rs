@@ -181,6 +181,14 @@ impl Root {
         Ok(Root { fd, cwd })
     }
 
+    /// A directory already open (an `O_PATH` or read descriptor) as a root.
+    pub(crate) fn from_fd(fd: OwnedFd) -> Root {
+        Root {
+            fd,
+            cwd: "/".into(),
+        }
+    }
+
     /// The absolute form of a request's path: checked, and joined to the
     /// working directory when relative. Not canonicalized: `..` and
     /// symlinks are left to the kernel, which resolves them inside the root.

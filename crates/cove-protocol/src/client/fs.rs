@@ -235,6 +235,13 @@ impl AgentClient {
         FsDownload::open(self.fs_start(op).await?).await
     }
 
+    /// Stream the sandbox's writable layer out as an image layer (see
+    /// [`FsOp::WritableLayer`]); agents whose layer is on the host refuse.
+    pub async fn fs_writable_layer(&self) -> Result<FsDownload, ClientError> {
+        let op = FsOp::WritableLayer { window: FS_WINDOW };
+        FsDownload::open(self.fs_start(op).await?).await
+    }
+
     /// Create or replace a regular file; write it with [`FsUpload::write`]
     /// and commit it with [`FsUpload::finish`].
     pub async fn fs_write(&self, path: &str, mode: Option<u32>) -> Result<FsUpload, ClientError> {

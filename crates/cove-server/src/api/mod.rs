@@ -5,7 +5,7 @@
 mod backends;
 pub(crate) mod compat;
 pub mod extract;
-mod files;
+pub(crate) mod files;
 mod keys;
 pub(crate) mod processes;
 mod sandboxes;

@@ -101,9 +101,10 @@ pub async fn delete(
 }
 
 /// Make a new template of a sandbox's filesystem: its writable layer
-/// stacked on its template's layers. The sandbox keeps running (it is
-/// frozen while its writable layer is copied). Memory and processes are
-/// not kept.
+/// stacked on its template's layers. The sandbox keeps running (a
+/// namespace sandbox is frozen while its writable layer is copied; a
+/// microVM's agent sends its layer while it runs). Memory and processes
+/// are not kept.
 #[utoipa::path(
     post, path = "/v1/sandboxes/{id}/snapshot", tag = "templates",
     params(("id" = String, Path, description = "Sandbox ID")),
@@ -112,7 +113,7 @@ pub async fn delete(
         (status = 201, description = "The new template", body = TemplateInfo),
         (status = 400, description = "Bad name, or a backend that cannot snapshot", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
-        (status = 409, description = "A template of that name exists, or the sandbox's template predates layered storage (rebuild it)", body = ErrorBody),
+        (status = 409, description = "A template of that name exists, the sandbox's template predates layered storage (rebuild it), or the sandbox is a paused microVM", body = ErrorBody),
         (status = 410, description = "The sandbox has ended", body = ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))

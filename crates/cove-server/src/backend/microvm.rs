@@ -384,6 +384,11 @@ impl Instance for MicrovmInstance {
         }
     }
 
+    fn layer_in_guest(&self) -> bool {
+        // The overlay's upper directory is a tmpfs inside the guest.
+        true
+    }
+
     fn serves_transfers(&self) -> bool {
         // The guest agent serves vsock connections framed only.
         false

@@ -118,6 +118,12 @@ pub trait Instance: Send + Sync + 'static {
             "this backend has no network namespace cove can wire".into(),
         ))
     }
+    /// Whether a snapshot reads the writable layer through the agent
+    /// (`FsOp::WritableLayer`) because it lives where the host cannot
+    /// read it (a microVM's guest memory), instead of `writable_layer`.
+    fn layer_in_guest(&self) -> bool {
+        false
+    }
     /// The host path of the sandbox's writable overlay layer (what a
     /// snapshot copies), while it runs.
     fn writable_layer(&self) -> Result<std::path::PathBuf, BackendError> {
