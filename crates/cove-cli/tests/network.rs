@@ -493,8 +493,9 @@ fn bad_network_requests_name_the_culprit_and_leave_nothing() {
         assert!(message.contains(culprit), "{body} → {answer}");
         lab.assert_clean(&[]);
     }
-    // The microVM backend has egress but publishes no ports: a clear 400
-    // before anything boots (or the backend's own 400 where it cannot run).
+    // A microVM publishes ports over its network device, so only with
+    // egress: without, a clear 400 before anything boots (or the backend's
+    // own 400 where it cannot run).
     let (_, backends) = d.call("GET", "/v1/backends", None);
     let vm_available = backends["backends"]
         .as_array()
@@ -509,10 +510,7 @@ fn bad_network_requests_name_the_culprit_and_leave_nothing() {
     assert_eq!(status, 400, "{answer}");
     let message = answer["error"]["message"].as_str().unwrap();
     if vm_available {
-        assert!(
-            message.contains("does not publish exposed_ports"),
-            "{answer}"
-        );
+        assert!(message.contains("with network egress"), "{answer}");
     } else {
         assert!(message.contains("not available"), "{answer}");
     }
