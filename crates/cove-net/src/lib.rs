@@ -920,7 +920,6 @@ impl Network {
     }
 }
 
-/// Let the host route between the bridge and its other networks.
 /// Where a sandbox's published ports lead: into its namespace, or to its
 /// guest's address when it is a microVM bridged to a tap.
 fn upstream(stored: &Stored, netns: &Arc<OwnedFd>) -> ports::Upstream {
@@ -933,6 +932,7 @@ fn upstream(stored: &Stored, netns: &Arc<OwnedFd>) -> ports::Upstream {
     }
 }
 
+/// Let the host route between the bridge and its other networks.
 fn enable_forwarding() -> Result<(), String> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
     if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
