@@ -675,3 +675,81 @@ fn watch_reports_changes() {
     assert!(matches!(next(), FsReply::Done(Ok(FsDone::Ok))));
     worker.join().unwrap();
 }
+
+#[test]
+fn a_writable_layer_goes_out_as_an_image_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let upper = dir.path();
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    std::fs::write(upper.join("etc/new.conf"), "new").unwrap();
+    std::fs::create_dir(upper.join("opaque")).unwrap();
+    std::fs::write(upper.join("opaque/only"), "only").unwrap();
+    // A whiteout (0/0 character device) and an opaque directory, as
+    // overlayfs writes them: both need root (CAP_MKNOD, trusted.* xattrs).
+    let whiteout = nix::sys::stat::mknod(
+        &upper.join("etc/gone"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+        0,
+    );
+    let opaque =
+        std::ffi::CString::new(upper.join("opaque").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: setxattr reads the NUL-terminated path and name and one byte.
+    let set = unsafe {
+        libc::setxattr(
+            opaque.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    if whiteout.is_err() || set != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("skipped: needs root for mknod and trusted.* xattrs");
+        return;
+    }
+    let fd = nix::fcntl::open(
+        upper,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    let layer = Arc::new(Root::from_fd(fd));
+    let done = op(&layer, FsOp::WritableLayer { window: 0 }, &[]);
+    assert!(done.result.is_ok(), "{:?}", done.result);
+    let data = done.data();
+    let mut archive = tar::Archive::new(&data[..]);
+    let mut entries: Vec<(String, tar::EntryType)> = archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            (name, e.header().entry_type())
+        })
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "etc/",
+            "etc/.wh.gone",
+            "etc/new.conf",
+            "opaque/",
+            "opaque/.wh..wh..opq",
+            "opaque/only"
+        ]
+    );
+    // No device node goes out: the whiteout is an empty regular file.
+    assert!(
+        entries
+            .iter()
+            .all(|(_, kind)| matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory)),
+        "{entries:?}"
+    );
+}
