@@ -9,11 +9,12 @@
 //! sandbox are extracted with the tar crate's `unpack`, which refuses
 //! entries that would land outside the destination.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use cove_client::Client;
 use cove_client::api::FileType;
+use cove_protocol::client::ChunkReader;
 use tokio::sync::mpsc;
 
 use crate::remote::{Remote, fail, runtime};
@@ -219,28 +220,6 @@ async fn upload(client: &Client, args: &CpArgs, id: &str, dest: &str) -> Result<
     Ok(ExitCode(0))
 }
 
-/// Reads the chunks an async task receives.
-struct ChunkReader {
-    rx: mpsc::Receiver<std::io::Result<bytes::Bytes>>,
-    chunk: bytes::Bytes,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => self.chunk = chunk,
-                Some(Err(err)) => return Err(err),
-                None => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.chunk.len());
-        out[..n].copy_from_slice(&self.chunk[..n]);
-        self.chunk = self.chunk.slice(n..);
-        Ok(n)
-    }
-}
-
 fn unpack(reader: ChunkReader, into: &Path) -> std::io::Result<()> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
@@ -298,15 +277,7 @@ async fn download(
     };
     let (tx, rx) = mpsc::channel(8);
     let target = extract_to.clone();
-    let consumer = tokio::task::spawn_blocking(move || {
-        unpack(
-            ChunkReader {
-                rx,
-                chunk: bytes::Bytes::new(),
-            },
-            &target,
-        )
-    });
+    let consumer = tokio::task::spawn_blocking(move || unpack(ChunkReader::new(rx), &target));
     let mut total = 0u64;
     let mut failure = None;
     loop {

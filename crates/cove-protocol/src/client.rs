@@ -20,8 +20,10 @@ use crate::{
     PROTOCOL_VERSION, ProcessInfo, ProcessSpec, SpawnError, Stream,
 };
 
+mod chunks;
 mod fs;
 mod transfer;
+pub use chunks::ChunkReader;
 pub use fs::{FsDownload, FsUpload, FsWatch};
 pub use transfer::{TransferDownload, TransferUpload, transfer_read, transfer_write};
 

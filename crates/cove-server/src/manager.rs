@@ -24,7 +24,7 @@ use cove_api::{
     CreateSandboxRequest, CreateTemplateRequest, ErrorCode, Limits as ApiLimits, Sandbox,
     SandboxList, SandboxState, TemplateInfo,
 };
-use cove_protocol::client::AgentClient;
+use cove_protocol::client::{AgentClient, ChunkReader};
 use cove_template::{Template, TemplateError, TemplateStore};
 use tokio::sync::{Notify, watch};
 
@@ -1287,7 +1287,7 @@ impl Manager {
         loop {
             match download.next_chunk().await {
                 Ok(Some(chunk)) => {
-                    if tx.send(chunk).await.is_err() {
+                    if tx.send(Ok(chunk.into())).await.is_err() {
                         break; // the unpacking stopped; its error follows
                     }
                 }
@@ -1561,39 +1561,6 @@ fn template_info(t: &Template) -> TemplateInfo {
 }
 
 /// A template store error as the API answers it.
-/// The chunks of a download as a blocking reader, for an unpacker on a
-/// blocking thread.
-struct ChunkReader {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    pos: usize,
-}
-
-impl ChunkReader {
-    fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> ChunkReader {
-        ChunkReader {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-        }
-    }
-}
-
-impl std::io::Read for ChunkReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => (self.chunk, self.pos) = (chunk, 0),
-                None => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.chunk.len() - self.pos);
-        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 fn template_error(err: TemplateError) -> ApiError {
     let code = match &err {
         TemplateError::Unknown { .. } => ErrorCode::NotFound,
