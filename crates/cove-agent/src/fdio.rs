@@ -15,6 +15,15 @@ pub fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
+/// Register a process's pipe end or PTY master, already close-on-exec and
+/// with no status flag but its access mode (as the agent creates them), as
+/// non-blocking with tokio: one `fcntl` where [`async_fd`] makes three.
+pub fn async_pipe(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    // SAFETY: as in `async_fd`.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
 pub fn set_flags(fd: &OwnedFd, nonblocking: bool) -> std::io::Result<()> {
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     let flags = if nonblocking {

@@ -81,6 +81,8 @@ pub(crate) struct Agent {
     procs: RefCell<HashMap<u32, Rc<Proc>>>,
     waiters: RefCell<HashMap<i32, tokio::sync::oneshot::Sender<nix::sys::wait::WaitStatus>>>,
     lingering: RefCell<Vec<String>>,
+    /// Empty per-process cgroups kept for the next processes.
+    spare_cgroups: RefCell<cgroup::SpareCgroups>,
     /// Finished background processes kept for late readers, oldest first.
     retained: RefCell<std::collections::VecDeque<u32>>,
     next_proc: Cell<u64>,
@@ -184,6 +186,7 @@ async fn serve(
         procs: RefCell::default(),
         waiters: RefCell::default(),
         lingering: RefCell::default(),
+        spare_cgroups: RefCell::default(),
         retained: RefCell::default(),
         next_proc: Cell::new(0),
         connections: Cell::new(0),

@@ -174,7 +174,8 @@ pub(crate) struct Proc {
     room: Notify,
     stdin: RefCell<Option<mpsc::UnboundedSender<StdinCmd>>>,
     pty: Option<OwnedFd>,
-    cgroup: Option<String>,
+    /// The process's own cgroup, until it is kept for another process.
+    cgroup: RefCell<Option<String>>,
     exited: watch::Sender<bool>,
     status: RefCell<Option<ExitStatus>>,
     finished_at: Cell<Option<Instant>>,
@@ -473,7 +474,7 @@ impl Agent {
         let n = self.next_proc.get() + 1;
         self.next_proc.set(n);
         let mut cgroup = match &self.config.cgroups {
-            Some(cgroups) => match cgroups.create(n) {
+            Some(cgroups) => match cgroups.take(&mut self.spare_cgroups.borrow_mut(), n) {
                 Ok(cg) => Some(cg),
                 Err(err) => {
                     tracing::warn!(%err, "no per-process cgroup; the process group bounds the tree");
@@ -498,7 +499,9 @@ impl Agent {
         let pid = match result {
             Ok(pid) => pid,
             Err(failure) => {
-                self.release_cgroup(cgroup_name.as_deref());
+                if let Some(name) = cgroup_name {
+                    self.release_cgroup(name);
+                }
                 let kind = match failure {
                     SpawnFailure::Invalid(_) => SpawnErrorKind::InvalidRequest,
                     SpawnFailure::Cwd { .. } => SpawnErrorKind::NoSuchCwd,
@@ -548,7 +551,7 @@ impl Agent {
             room: Notify::new(),
             stdin: RefCell::new(has_stdin.then_some(stdin_tx)),
             pty: pipes.pty_master,
-            cgroup: cgroup_name,
+            cgroup: RefCell::new(cgroup_name),
             exited: watch::channel(false).0,
             status: RefCell::new(None),
             finished_at: Cell::new(None),
@@ -644,7 +647,11 @@ impl Agent {
             *proc.status.borrow_mut() = Some(status);
             proc.finished_at.set(Some(Instant::now()));
             proc.data.notify_waiters();
-            self.release_cgroup(proc.cgroup.as_deref());
+            let cgroup = proc.cgroup.borrow_mut().take();
+            if let Some(lingering) = cgroup.and_then(|name| self.release_cgroup(name)) {
+                // Still reachable by a kill of this process's tree.
+                *proc.cgroup.borrow_mut() = Some(lingering);
+            }
             self.retire(&proc);
         });
     }
@@ -663,26 +670,26 @@ impl Agent {
         }
     }
 
-    /// Remove a process's cgroup, or keep it for a later sweep while
-    /// something it started still runs.
-    fn release_cgroup(&self, name: Option<&str>) {
-        if let (Some(cgroups), Some(name)) = (&self.config.cgroups, name)
-            && cgroups.remove(name).is_err()
-        {
-            self.lingering.borrow_mut().push(name.to_string());
-        }
+    /// Keep an ended process's cgroup for the next process, or remove it,
+    /// or, while something it started still runs, keep it for a later
+    /// sweep; then its name is returned.
+    fn release_cgroup(&self, name: String) -> Option<String> {
+        let cgroups = self.config.cgroups.as_ref()?;
+        let lingering = cgroups.release(&mut self.spare_cgroups.borrow_mut(), name)?;
+        self.lingering.borrow_mut().push(lingering.clone());
+        Some(lingering)
     }
 
     /// SIGKILL the process group, then every member of the process's cgroup.
     pub(crate) fn kill_tree(&self, proc: &Proc) {
-        if proc.has_exited() && proc.cgroup.is_none() {
+        if proc.has_exited() && proc.cgroup.borrow().is_none() {
             return;
         }
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(proc.pgid()),
             nix::sys::signal::Signal::SIGKILL,
         );
-        if let (Some(cgroups), Some(name)) = (&self.config.cgroups, &proc.cgroup) {
+        if let (Some(cgroups), Some(name)) = (&self.config.cgroups, &*proc.cgroup.borrow()) {
             cgroups.kill(name);
         }
     }
@@ -744,7 +751,7 @@ struct Started {
 
 /// Read one output stream into its log.
 async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
-    let fd = match fdio::async_fd(fd) {
+    let fd = match fdio::async_pipe(fd) {
         Ok(fd) => fd,
         Err(err) => {
             tracing::warn!(%err, "cannot watch an output pipe");
@@ -884,7 +891,7 @@ async fn feed_stdin(
     mut queue: mpsc::UnboundedReceiver<StdinCmd>,
     is_pty: bool,
 ) {
-    let fd = match fdio::async_fd(fd) {
+    let fd = match fdio::async_pipe(fd) {
         Ok(fd) => fd,
         Err(err) => {
             tracing::warn!(%err, "cannot watch a stdin pipe");

@@ -535,6 +535,80 @@ fn a_stalled_reader_costs_bounded_memory_and_is_told_what_it_lost() {
     assert!(rest.contains("event: dropped"), "no dropped event");
 }
 
+/// The per-process cgroups (`proc-N`) under this daemon's sandboxes.
+fn process_cgroups(d: &Daemon) -> Vec<String> {
+    d.cgroups()
+        .iter()
+        .filter_map(|sandbox| std::fs::read_dir(sandbox).ok())
+        .flat_map(|entries| entries.flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("proc-"))
+        .collect()
+}
+
+#[test]
+fn a_process_cgroup_is_reused_only_when_nothing_is_left_in_it() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(json!({}));
+    let own = "grep -o 'proc-[0-9]*' /proc/self/cgroup | head -n 1";
+    let cgroup_of = |script: &str| {
+        let r = d.sh(&id, script);
+        r["stdout"].as_str().unwrap().trim().to_string()
+    };
+    let first = cgroup_of(own);
+    assert!(first.starts_with("proc-"), "{first:?}");
+    assert_eq!(cgroup_of(own), first, "an empty cgroup was not reused");
+
+    // A command that ends but leaves a process behind keeps its cgroup:
+    // the next command gets another one.
+    let tag = format!("1001.{}", std::process::id());
+    let left = cgroup_of(&format!("setsid sleep {tag} >/dev/null 2>&1 & {own}"));
+    assert_eq!(left, first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !host_has_process_with(&tag) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let next = cgroup_of(own);
+    assert_ne!(
+        next, left,
+        "a new command joined a cgroup with a leftover in it"
+    );
+    assert!(host_has_process_with(&tag), "the leftover was touched");
+
+    // Once the leftover is gone its cgroup is removed; spares stay few
+    // however many processes ran at once.
+    d.sh(&id, &format!("pkill -f {tag}; true"));
+    for _ in 0..20 {
+        background(&d, &id, json!({"cmd": "sleep 0.3"}));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, list) = d.call("GET", &format!("/v1/sandboxes/{id}/processes"), None);
+        let running = list["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["state"] == "running")
+            .count();
+        if running == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.sh(&id, "true");
+    let cgroups = process_cgroups(&d);
+    assert!(
+        !cgroups.is_empty() && cgroups.len() <= 8,
+        "per-process cgroups left: {cgroups:?}"
+    );
+    assert!(!cgroups.contains(&left), "{left} outlived its leftover");
+}
+
 #[test]
 fn a_thousand_execs_leave_no_zombie_and_no_fd() {
     if !root() {
