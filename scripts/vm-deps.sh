@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the microVM backend's tests need, idempotently:
-#   - QEMU (microvm machine), e2fsprogs (mkfs.ext4 -d), xz-utils (vmlinux),
+#   - QEMU (microvm machine), erofs-utils (mkfs.erofs), xz-utils (vmlinux),
 #     busybox-static (the busybox template), dpkg-deb/apt-get (guest kernel)
 #   - vhost-device-vsock (vsock without /dev/vhost-vsock), from crates.io
 #   - /dev/net/tun (the tap of a microVM with a network)
@@ -16,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-packages=(qemu-system-x86 e2fsprogs xz-utils busybox-static)
+packages=(qemu-system-x86 erofs-utils xz-utils busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

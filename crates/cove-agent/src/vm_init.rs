@@ -10,7 +10,7 @@
 //!  read /cove/vm.json
 //!  load /cove/modules/*.ko (in order)
 //!  wait for the root disk
-//!  ext4 (ro) ─┐
+//!  erofs (ro) ┐
 //!  tmpfs (rw) ┴─ overlay ── move onto / ─▶ mount /proc /sys /dev /dev/pts
 //!                                          hostname, loopback, cgroup2
 //!                                          serve the protocol on vsock
@@ -68,7 +68,7 @@ pub struct VmInitConfig {
     pub user: Option<String>,
     /// The vsock port the agent listens on.
     pub vsock_port: u32,
-    /// The template's root filesystem (read-only ext4).
+    /// The template's root filesystem (read-only EROFS).
     pub root_device: String,
     /// Size cap of the writable layer (a tmpfs), in MiB; `None` = the
     /// kernel's default (half the guest's memory).
@@ -139,9 +139,9 @@ fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
     mount_fs(
         &vm.root_device,
         "/cove/lower",
-        "ext4",
+        "erofs",
         MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-        Some("noload"),
+        None,
     )?;
     let size = vm
         .overlay_size_mib

@@ -6,7 +6,7 @@
 //! Phases come from two clocks. The host times `Vm::boot` (launch, then
 //! until the agent's `Hello`). The guest's own clock starts with its
 //! kernel; the first exec reads its uptime and the kernel log's timestamps
-//! of `Run /init` and the root disk's ext4 mount, which places the guest's
+//! of `Run /init` and the root disk's mount, which places the guest's
 //! milestones on the host's timeline (to within one exec round trip).
 
 use std::path::Path;
@@ -32,7 +32,7 @@ pub struct Phases {
     pub vmm_to_kernel_ms: f64,
     /// Guest kernel start to `Run /init`.
     pub kernel_to_init_ms: f64,
-    /// `/init` to the root disk mounted: 13 modules, disk probe, ext4.
+    /// `/init` to the root disk mounted: modules, disk probe, EROFS mount.
     pub init_to_root_mounted_ms: f64,
     /// Root mounted to the host seeing the agent's `Hello`: overlay,
     /// /proc /sys /dev, agent start, vsock, host polling.
@@ -224,7 +224,7 @@ impl GuestClock {
         Some(GuestClock {
             uptime_ms: uptime * 1000.0,
             run_init_ms: stamp("Run /init")? * 1000.0,
-            root_mounted_ms: stamp("EXT4-fs (vda)")? * 1000.0,
+            root_mounted_ms: stamp("(device vda): mounted")? * 1000.0,
         })
     }
 }
@@ -322,7 +322,7 @@ pub fn print_phases(results: &[CaseResult], phases: &Phases) {
         ),
         ("guest kernel to `Run /init`", phases.kernel_to_init_ms),
         (
-            "/init to root disk mounted (modules, disk probe, ext4)",
+            "/init to root disk mounted (modules, disk probe, EROFS)",
             phases.init_to_root_mounted_ms,
         ),
         (

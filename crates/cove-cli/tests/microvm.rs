@@ -45,8 +45,8 @@ fn missing_vm_tools() -> Option<String> {
     if vhost.is_none() {
         return Some("vhost-device-vsock is missing (cargo install vhost-device-vsock)".into());
     }
-    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-        return Some("mkfs.ext4 is missing (Debian package e2fsprogs)".into());
+    if Command::new("mkfs.erofs").arg("--help").output().is_err() {
+        return Some("mkfs.erofs is missing (Debian package erofs-utils)".into());
     }
     if !Path::new(cove_template::BUSYBOX_PATH).exists() {
         return Some("busybox is missing (Debian package busybox-static)".into());

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  ensure_guest_image ─▶ GuestImage (kernel + agent initramfs)     cached
-//!  ensure_rootfs_image ─▶ template/rootfs.ext4                      cached
+//!  ensure_rootfs_image ─▶ template/rootfs.erofs                     cached
 //!
 //!  Vm::boot ──▶ launching ──▶ waiting for Hello ──▶ running ◀──▶ paused
 //!                  │               │ (timeout,          │
@@ -643,14 +643,14 @@ mod tests {
             reason_from_console(panic),
             "the guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!"
         );
-        let init = "cove-vm-init: cannot mount ext4 /dev/vda on /cove/lower: EINVAL\n[ 3.0] reboot: Power down\n";
-        assert!(reason_from_console(init).contains("cannot mount ext4"));
+        let init = "cove-vm-init: cannot mount erofs /dev/vda on /cove/lower: EINVAL\n[ 3.0] reboot: Power down\n";
+        assert!(reason_from_console(init).contains("cannot mount erofs"));
         assert!(reason_from_console("").contains("killed"));
     }
 
     #[test]
     fn bad_configs_are_refused_with_a_reason() {
-        let mut config = VmConfig::new("sbx-ok", "/nonexistent.ext4".into(), "/tmp/x".into());
+        let mut config = VmConfig::new("sbx-ok", "/nonexistent.erofs".into(), "/tmp/x".into());
         assert!(matches!(validate(&config), Err(VmError::Config(m)) if m.contains("root disk")));
         config.id = "bad id".into();
         assert!(matches!(validate(&config), Err(VmError::Config(m)) if m.contains("hostname")));

@@ -38,8 +38,8 @@ fn missing_tools() -> Option<String> {
             "vhost-device-vsock is not installed (cargo install vhost-device-vsock)".into(),
         );
     }
-    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-        return Some("mkfs.ext4 is not installed (Debian package e2fsprogs)".into());
+    if Command::new("mkfs.erofs").arg("--help").output().is_err() {
+        return Some("mkfs.erofs is not installed (Debian package erofs-utils)".into());
     }
     if !Path::new(cove_template::BUSYBOX_PATH).exists() {
         return Some("busybox is not installed (Debian package busybox-static)".into());
@@ -345,7 +345,7 @@ async fn crashes_are_detected_with_a_reason() {
 async fn a_guest_that_never_answers_times_out_with_its_console() {
     let Some(env) = env("bad") else { return };
     let mut config = env.config("vm-bad");
-    // A root disk that is not ext4: the guest's init fails to mount it.
+    // A root disk that is not EROFS: the guest's init fails to mount it.
     let bogus = env.scratch.join("bogus.img");
     std::fs::write(&bogus, vec![0u8; 1 << 20]).unwrap();
     config.rootfs_image = bogus;

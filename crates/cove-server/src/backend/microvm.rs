@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  <data>/vm/ (or $COVE_VM_CACHE)   kernel, guest images, accel.json   built once, shared
-//!  <data>/templates/<t>/rootfs.ext4 the template's root disk           built on first use
+//!  <data>/templates/<t>/rootfs.erofs the template's root disk          built on first use
 //!  <runtime>/vms/<id>/              one VM: sockets, console.log, vm.json
 //!  <runtime>/vm-consoles/<id>.log   console of a VM that died on its own
 //! ```
@@ -87,15 +87,15 @@ pub fn probe_host(cove_binary: &Path) -> Result<PathBuf, String> {
                 .into(),
         );
     }
-    let mkfs = std::process::Command::new("mkfs.ext4")
-        .arg("-V")
+    let mkfs = std::process::Command::new("mkfs.erofs")
+        .arg("--help")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok();
     if !mkfs {
-        return Err("mkfs.ext4 is not installed: install Debian's e2fsprogs package".into());
+        return Err("mkfs.erofs is not installed: install Debian's erofs-utils package".into());
     }
     find_static_agent(cove_binary).ok_or_else(|| {
         format!(

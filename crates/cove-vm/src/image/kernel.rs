@@ -54,18 +54,29 @@ impl Kernel {
     }
 }
 
-/// The network modules' order file; a cached kernel without one was
-/// unpacked by an older cove.
+/// The network modules' order file.
 const NET_ORDER: &str = "modules.net.order";
+
+/// The modules a cached kernel was unpacked for; one unpacked for another
+/// set (by an older cove) is unpacked again.
+const MODULE_SET: &str = "modules.wanted";
+
+fn module_set() -> String {
+    format!(
+        "{}\n{}\n",
+        modules::GUEST_MODULES.join(" "),
+        modules::NETWORK_MODULES.join(" ")
+    )
+}
 
 /// The newest kernel in `cache_dir/kernel`, unpacking one first if there is none.
 pub fn ensure_kernel(cache_dir: &Path, progress: Progress<'_>) -> Result<Kernel, VmError> {
     let root = cache_dir.join("kernel");
     if let Some(kernel) = cached(&root)? {
-        if kernel.dir.join(NET_ORDER).exists() {
+        if unpacked_for_these_modules(&kernel.dir) {
             return Ok(kernel);
         }
-        // Unpacked by an older cove, without the network modules: again.
+        // Unpacked by an older cove, for other modules: again.
         let _ = std::fs::remove_dir_all(&kernel.dir);
     }
     std::fs::create_dir_all(&root).map_err(VmError::io("create", &root))?;
@@ -75,6 +86,11 @@ pub fn ensure_kernel(cache_dir: &Path, progress: Progress<'_>) -> Result<Kernel,
     let result = build(cache_dir, &root, &scratch, progress);
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// Whether the kernel unpacked in `dir` carries the modules this cove loads.
+fn unpacked_for_these_modules(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(MODULE_SET)).is_ok_and(|set| set == module_set())
 }
 
 fn cached(root: &Path) -> Result<Option<Kernel>, VmError> {
@@ -161,6 +177,8 @@ fn build(
         let order_file = out.join(file);
         std::fs::write(&order_file, names).map_err(VmError::io("write", &order_file))?;
     }
+    let set_file = out.join(MODULE_SET);
+    std::fs::write(&set_file, module_set()).map_err(VmError::io("write", &set_file))?;
 
     let dest = root.join(&version);
     match std::fs::rename(&out, &dest) {
@@ -335,6 +353,17 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_unpacked_for_other_modules_is_stale() {
+        let Ok(dir) = tempfile::tempdir() else { return };
+        // Unpacked by a cove that wrote no module set (ext4 root disks).
+        assert!(!unpacked_for_these_modules(dir.path()));
+        std::fs::write(dir.path().join(MODULE_SET), "virtio_blk ext4 overlay\n").unwrap();
+        assert!(!unpacked_for_these_modules(dir.path()));
+        std::fs::write(dir.path().join(MODULE_SET), module_set()).unwrap();
+        assert!(unpacked_for_these_modules(dir.path()));
+    }
 
     #[test]
     fn finds_the_payload_from_the_setup_header() {

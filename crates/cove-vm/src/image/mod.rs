@@ -1,12 +1,12 @@
 //! Guest images: a kernel, an initramfs whose `/init` is the agent, and a
-//! template's root filesystem as a read-only ext4 disk.
+//! template's root filesystem as a read-only EROFS disk.
 //!
 //! ```text
 //!  <cache>/
 //!    debs/                    downloaded kernel package (kept for rebuilds)
 //!    kernel/<version>/        vmlinuz, vmlinux, modules/*.ko, modules.order
 //!    images/<hash>/           initramfs.cpio + image.json (hash of agent + kernel)
-//!  <template>/rootfs.ext4     next to the template's rootfs/
+//!  <template>/rootfs.erofs    next to the template's rootfs/
 //! ```
 //!
 //! Every cache entry is built in a temporary sibling and renamed into
@@ -28,7 +28,8 @@ use cove_agent::vm_init::{CONFIG_PATH, MODULE_ORDER, MODULES_DIR, NET_MODULE_ORD
 
 /// Bumped whenever the initramfs layout changes, so old images are rebuilt.
 /// 2: module signatures stripped. 3: network modules, loaded on demand.
-const IMAGE_FORMAT: u32 = 3;
+/// 4: EROFS instead of ext4 for the root disk.
+const IMAGE_FORMAT: u32 = 4;
 
 /// A bootable guest: kernel plus the agent's initramfs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +63,12 @@ pub fn ensure_guest_image(
     let mut key = Fnv::default();
     key.write(&IMAGE_FORMAT.to_le_bytes());
     key.write(kernel.version.as_bytes());
+    // The modules the initramfs carries: a kernel unpacked again for
+    // another set makes another image.
+    for order in [kernel.module_order()?, kernel.net_module_order()?] {
+        key.write(order.join("\n").as_bytes());
+        key.write(b"\0");
+    }
     key.write(&agent);
     let dir = cache_dir.join("images").join(format!("{:016x}", key.0));
     let kernel_path = kernel.vmlinux().unwrap_or_else(|| kernel.vmlinuz());

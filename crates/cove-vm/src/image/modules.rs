@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use crate::VmError;
 
 /// What the guest loads: virtio-mmio transport, the root disk, vsock to the
-/// host, and the filesystems of the root (ext4 below, overlay on top).
+/// host, and the filesystems of the root (EROFS below, overlay on top).
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "vmw_vsock_virtio_transport",
-    "ext4",
+    "erofs",
     "overlay",
 ];
 

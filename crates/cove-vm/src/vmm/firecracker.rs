@@ -215,7 +215,7 @@ mod tests {
             kernel: "/k/vmlinux".into(),
             initramfs: "/s/initrd".into(),
             cmdline: "console=ttyS0 -- --vm-init".into(),
-            rootfs: "/t/rootfs.ext4".into(),
+            rootfs: "/t/rootfs.erofs".into(),
             vcpus: 2,
             memory_mib: 512,
             state_dir: "/s".into(),

@@ -303,7 +303,7 @@ mod tests {
             kernel: "/k/vmlinux".into(),
             initramfs: "/s/initrd".into(),
             cmdline: "console=ttyS0".into(),
-            rootfs: "/t/rootfs.ext4".into(),
+            rootfs: "/t/rootfs.erofs".into(),
             vcpus: 2,
             memory_mib: 384,
             state_dir: "/s".into(),
@@ -321,7 +321,7 @@ mod tests {
         assert!(joined.contains("-accel tcg -cpu max"));
         assert!(joined.contains("-smp 2 -m 384M"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
-        assert!(joined.contains("file=/t/rootfs.ext4,format=raw,if=none,read-only=on"));
+        assert!(joined.contains("file=/t/rootfs.erofs,format=raw,if=none,read-only=on"));
         assert!(joined.contains("-append console=ttyS0"));
         assert!(joined.contains("-daemonize"));
         let kvm = Qemu::args(
