@@ -170,26 +170,56 @@ fn time_commands(
 ) -> Result<Vec<Duration>, String> {
     let mut samples = Vec::with_capacity(args.iterations);
     for i in 0..args.warmup + args.iterations {
-        let mut cmd = make(i);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let start = Instant::now();
-        let out = cmd.output().map_err(|e| format!("cannot start: {e}"))?;
-        let elapsed = start.elapsed();
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!(
-                "failed ({}): {}",
-                out.status,
-                err.lines().last().unwrap_or("").trim()
-            ));
-        }
+        let elapsed = time_one(make(i))?;
         if i >= args.warmup {
             samples.push(elapsed);
         }
     }
     Ok(samples)
+}
+
+/// Run `cmd` once (no stdin, output discarded) and time it; an
+/// unsuccessful run is an error with the last line of its stderr.
+fn time_one(mut cmd: Command) -> Result<Duration, String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let out = cmd.output().map_err(|e| format!("cannot start: {e}"))?;
+    let elapsed = start.elapsed();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "failed ({}): {}",
+            out.status,
+            err.lines().last().unwrap_or("").trim()
+        ));
+    }
+    Ok(elapsed)
+}
+
+/// Time several commands with their runs interleaved (one of each in turn),
+/// so that a machine whose load drifts during the run weighs on each alike
+/// and their ratio holds. A command that fails is dropped from the rounds
+/// that follow; its entry is the error.
+fn time_interleaved(args: &BenchArgs, argvs: &[&[&str]]) -> Vec<Result<Vec<Duration>, String>> {
+    let mut results: Vec<Result<Vec<Duration>, String>> = argvs
+        .iter()
+        .map(|_| Ok(Vec::with_capacity(args.iterations)))
+        .collect();
+    for i in 0..args.warmup + args.iterations {
+        for (argv, result) in argvs.iter().zip(results.iter_mut()) {
+            let Ok(samples) = result else { continue };
+            let mut cmd = Command::new(argv[0]);
+            cmd.args(&argv[1..]);
+            match time_one(cmd) {
+                Ok(elapsed) if i >= args.warmup => samples.push(elapsed),
+                Ok(_) => {}
+                Err(reason) => *result = Err(reason),
+            }
+        }
+    }
+    results
 }
 
 fn command_case(args: &BenchArgs, name: &str, argv: &[&str]) -> CaseResult {
@@ -486,26 +516,30 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Failure> {
 
 /// `cove run -- true` and the runtimes it is compared with.
 fn run_cases(args: &BenchArgs, me: &str, scratch: &Path) -> Vec<CaseResult> {
-    let mut results = vec![command_case(
-        args,
-        "cove run -- true",
-        &[me, "run", "--", "true"],
-    )];
+    let cove: &[&str] = &[me, "run", "--", "true"];
+    let bwrap: &[&str] = &[
+        "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "true",
+    ];
+    // cove and bwrap in turn: their ratio is the figure that matters.
+    let mut results = Vec::new();
     if which("bwrap").is_some() {
-        results.push(command_case(
-            args,
-            "bwrap",
-            &[
-                "bwrap",
-                "--unshare-all",
-                "--die-with-parent",
-                "--ro-bind",
-                "/",
-                "/",
-                "true",
-            ],
-        ));
+        let mut timed = time_interleaved(args, &[cove, bwrap]).into_iter();
+        for (name, argv) in [("cove run -- true", cove), ("bwrap", bwrap)] {
+            let shown = argv.join(" ");
+            results.push(match timed.next() {
+                Some(Ok(samples)) => summarize(name, &shown, samples),
+                Some(Err(reason)) => skipped(name, &shown, reason),
+                None => skipped(name, &shown, "not run".into()),
+            });
+        }
     } else {
+        results.push(command_case(args, "cove run -- true", cove));
         results.push(skipped(
             "bwrap",
             "bwrap --unshare-all ...",
