@@ -160,9 +160,13 @@ impl ProcessCgroups {
         }
     }
 
-    /// Remove the cgroup `name`; `EBUSY` while it still has members.
+    /// Remove the cgroup `name`; `EBUSY` while it still has members. One
+    /// that is already gone counts as removed.
     pub fn remove(&self, name: &str) -> Result<(), Errno> {
-        unlinkat(&self.dir, name, UnlinkatFlags::RemoveDir)
+        match unlinkat(&self.dir, name, UnlinkatFlags::RemoveDir) {
+            Err(Errno::ENOENT) => Ok(()),
+            other => other,
+        }
     }
 
     /// Whether the cgroup `name` still has members.

@@ -56,17 +56,17 @@ fn child_oom_score_adj() -> &'static [u8] {
 
 /// The signals whose disposition in the agent is not the default (ignored,
 /// or caught by a handler): the child resets them before it execs. Looked up
-/// once, at the first spawn, by when the agent has set every disposition it
-/// sets (SIGPIPE ignored, tokio's SIGCHLD handler), plus whatever it was
-/// started with ignored. Resetting only these spares the child ~30 system
-/// calls.
+/// once, at the first spawn: by then the agent has set every disposition it
+/// ever sets (SIGPIPE ignored, tokio's SIGCHLD handler, Rust's SIGSEGV and
+/// SIGBUS handlers), and it also finds those it inherited. Resetting only
+/// these spares the child ~30 system calls.
 fn signals_to_reset() -> &'static [libc::c_int] {
     static SIGNALS: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
     SIGNALS.get_or_init(|| {
         (1..libc::SIGRTMIN())
             .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
             .filter(|&sig| {
-                let mut old: libc::sigaction = unsafe_zeroed_action();
+                let mut old = empty_action();
                 // SAFETY: a query (no new action) into a valid sigaction.
                 let rc = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
                 rc != 0 || old.sa_sigaction != libc::SIG_DFL
@@ -75,7 +75,7 @@ fn signals_to_reset() -> &'static [libc::c_int] {
     })
 }
 
-fn unsafe_zeroed_action() -> libc::sigaction {
+fn empty_action() -> libc::sigaction {
     // SAFETY: sigaction is plain data; all-zero is SIG_DFL with no flags.
     unsafe { std::mem::zeroed() }
 }
