@@ -513,6 +513,30 @@ mod tests {
     }
 
     #[test]
+    fn pax_xattrs_apply_when_a_layer_may_carry_them() {
+        // As cove's agent writes a microVM's writable layer: PAX records
+        // before the entry they belong to.
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("SCHILY.xattr.user.origin", &b"sandbox"[..]),
+            ("SCHILY.xattr.trusted.overlay.redirect", &b"/x"[..]),
+        ])
+        .unwrap();
+        let mut h = header(EntryType::Regular, 2, 0o644);
+        b.append_data(&mut h, "tool", &b"hi"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let stats = extract(&data[..], dir.path()).unwrap();
+        assert_eq!(stats.dropped_xattrs, 1);
+        let tool = dir.path().join("tool");
+        assert_eq!(
+            xattr::get(&tool, "user.origin").unwrap(),
+            Some(b"sandbox".to_vec())
+        );
+        assert_eq!(xattr::get(&tool, "trusted.overlay.redirect").unwrap(), None);
+    }
+
+    #[test]
     fn escapes_are_refused() {
         for (entries, culprit) in [
             (

@@ -160,6 +160,16 @@ impl Packer<'_> {
             FileKind::Dir => {
                 let mut dir_name = archive_name.to_vec();
                 dir_name.push(b'/');
+                if self.layer
+                    && let Ok(fd) = nix::fcntl::openat(
+                        dir.as_fd(),
+                        name,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                {
+                    self.xattr_records(&fd, &shown_name)?;
+                }
                 let mut header = header_for(st, EntryType::Directory, 0);
                 self.builder
                     .append_data(&mut header, OsStr::from_bytes(&dir_name), std::io::empty())
@@ -221,6 +231,9 @@ impl Packer<'_> {
                     return Ok(());
                 }
                 let size = st.st_size.max(0) as u64;
+                if self.layer {
+                    self.xattr_records(&fd, &shown_name)?;
+                }
                 let mut header = header_for(&st, EntryType::Regular, size);
                 let data = ExactReader::new(std::fs::File::from(fd), size);
                 self.builder
@@ -260,6 +273,19 @@ impl Packer<'_> {
         }
     }
 
+    /// The extended attributes of the open file `fd` an image layer may
+    /// carry, as PAX `SCHILY.xattr.NAME` records for the entry that follows
+    /// (how cove-template's extractor, like Docker's, reads them back).
+    fn xattr_records(&mut self, fd: &OwnedFd, shown: &str) -> Result<(), FsError> {
+        let records: Vec<(String, Vec<u8>)> = layer_xattrs(fd)
+            .into_iter()
+            .map(|(name, value)| (format!("SCHILY.xattr.{name}"), value))
+            .collect();
+        self.builder
+            .append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+            .map_err(|e| tar_error(e, shown))
+    }
+
     /// An empty regular file named `name`: a whiteout marker.
     fn marker(&mut self, st: &FileStat, name: &[u8], shown: &str) -> Result<(), FsError> {
         let mut header = header_for(st, EntryType::Regular, 0);
@@ -292,8 +318,53 @@ impl Packer<'_> {
     }
 }
 
-/// Stream a tar archive of `path`. Entries are named from the path's last
-/// component (`out.txt`, `dir/`, `dir/a`); for `/`, from its children.
+/// Extended attributes a layer carries: what a program in the sandbox can
+/// set and means as part of the file (`user.*`, file capabilities), the
+/// rule cove-template applies when it unpacks a layer. overlayfs' own
+/// `trusted.overlay.*` markers become whiteout entries instead.
+fn carried_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") || name == b"security.capability"
+}
+
+/// The carried extended attributes of the open file `fd`, by name. Names
+/// that are not UTF-8 (a PAX key must be) and values that change while
+/// they are read are left out.
+fn layer_xattrs(fd: &OwnedFd) -> Vec<(String, Vec<u8>)> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: a size query: flistxattr writes nothing with a null buffer.
+    let len = unsafe { libc::flistxattr(raw, std::ptr::null_mut(), 0) };
+    if len <= 0 {
+        return Vec::new();
+    }
+    let mut names = vec![0u8; len as usize];
+    // SAFETY: flistxattr writes at most `names.len()` bytes into `names`.
+    let len = unsafe { libc::flistxattr(raw, names.as_mut_ptr().cast(), names.len()) };
+    if len <= 0 {
+        return Vec::new();
+    }
+    names.truncate(len as usize);
+    let mut found = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| carried_xattr(n)) {
+        let (Ok(text), Ok(cname)) = (std::str::from_utf8(name), CString::new(name)) else {
+            continue;
+        };
+        // SAFETY: a size query, as above.
+        let size = unsafe { libc::fgetxattr(raw, cname.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            continue;
+        }
+        let mut value = vec![0u8; size as usize];
+        // SAFETY: fgetxattr writes at most `value.len()` bytes into `value`.
+        let got =
+            unsafe { libc::fgetxattr(raw, cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        if got != size {
+            continue;
+        }
+        found.push((text.to_string(), value));
+    }
+    found
+}
+
 /// Whether the directory open as `dir` is an opaque overlay directory.
 fn is_opaque(dir: &OwnedFd) -> bool {
     let mut value = [0u8; 4];
@@ -314,6 +385,8 @@ pub(crate) fn pack_layer(root: &Root, ctx: &Ctx) -> Result<FsDone, FsError> {
     pack_with(root, ctx, "/", true)
 }
 
+/// Stream a tar archive of `path`. Entries are named from the path's last
+/// component (`out.txt`, `dir/`, `dir/a`); for `/`, from its children.
 pub(crate) fn pack(root: &Root, ctx: &Ctx, path: &str) -> Result<FsDone, FsError> {
     pack_with(root, ctx, path, false)
 }

@@ -712,6 +712,21 @@ fn a_writable_layer_goes_out_as_an_image_layer() {
         eprintln!("skipped: needs root for mknod and trusted.* xattrs");
         return;
     }
+    // A program's own attribute on a file and on a directory: carried.
+    for (path, value) in [("etc/new.conf", &b"file"[..]), ("etc", &b"dir"[..])] {
+        let path = std::ffi::CString::new(upper.join(path).as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: setxattr reads the NUL-terminated path and name and the value.
+        let set = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"user.cove.test".as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(set, 0, "user.* xattrs on the test's file system");
+    }
     let fd = nix::fcntl::open(
         upper,
         nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
@@ -723,16 +738,42 @@ fn a_writable_layer_goes_out_as_an_image_layer() {
     assert!(done.result.is_ok(), "{:?}", done.result);
     let data = done.data();
     let mut archive = tar::Archive::new(&data[..]);
+    let mut xattrs: Vec<(String, String, Vec<u8>)> = Vec::new();
     let mut entries: Vec<(String, tar::EntryType)> = archive
         .entries()
         .unwrap()
         .map(|e| {
-            let e = e.unwrap();
+            let mut e = e.unwrap();
             let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            if let Some(pax) = e.pax_extensions().unwrap() {
+                for ext in pax {
+                    let ext = ext.unwrap();
+                    let key = ext.key().unwrap().to_string();
+                    xattrs.push((name.clone(), key, ext.value_bytes().to_vec()));
+                }
+            }
             (name, e.header().entry_type())
         })
         .collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
+    xattrs.sort();
+    // The program's attributes go out as PAX records; overlayfs' opaque
+    // marker does not (it is the `.wh..wh..opq` entry).
+    assert_eq!(
+        xattrs,
+        [
+            (
+                "etc/".to_string(),
+                "SCHILY.xattr.user.cove.test".to_string(),
+                b"dir".to_vec()
+            ),
+            (
+                "etc/new.conf".to_string(),
+                "SCHILY.xattr.user.cove.test".to_string(),
+                b"file".to_vec()
+            ),
+        ]
+    );
     let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
