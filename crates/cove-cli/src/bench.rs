@@ -178,6 +178,13 @@ fn time_commands(
     Ok(samples)
 }
 
+/// The command `argv` (program first).
+fn command_of(argv: &[&str]) -> Command {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    cmd
+}
+
 /// Run `cmd` once (no stdin, output discarded) and time it; an
 /// unsuccessful run is an error with the last line of its stderr.
 fn time_one(mut cmd: Command) -> Result<Duration, String> {
@@ -210,9 +217,7 @@ fn time_interleaved(args: &BenchArgs, argvs: &[&[&str]]) -> Vec<Result<Vec<Durat
     for i in 0..args.warmup + args.iterations {
         for (argv, result) in argvs.iter().zip(results.iter_mut()) {
             let Ok(samples) = result else { continue };
-            let mut cmd = Command::new(argv[0]);
-            cmd.args(&argv[1..]);
-            match time_one(cmd) {
+            match time_one(command_of(argv)) {
                 Ok(elapsed) if i >= args.warmup => samples.push(elapsed),
                 Ok(_) => {}
                 Err(reason) => *result = Err(reason),
@@ -224,11 +229,7 @@ fn time_interleaved(args: &BenchArgs, argvs: &[&[&str]]) -> Vec<Result<Vec<Durat
 
 fn command_case(args: &BenchArgs, name: &str, argv: &[&str]) -> CaseResult {
     let shown = argv.join(" ");
-    match time_commands(args, |_| {
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..]);
-        cmd
-    }) {
+    match time_commands(args, |_| command_of(argv)) {
         Ok(samples) => summarize(name, &shown, samples),
         Err(reason) => skipped(name, &shown, reason),
     }

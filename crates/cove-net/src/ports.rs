@@ -22,8 +22,18 @@ use crate::netns;
 /// How long a connection into the sandbox may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn no_answer(target: SocketAddr) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, format!("{target}: no answer"))
+/// `connect`, given up after [`CONNECT_TIMEOUT`].
+async fn within(
+    target: SocketAddr,
+    connect: impl std::future::Future<Output = io::Result<TcpStream>>,
+) -> io::Result<TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{target}: no answer"),
+        )),
+    }
 }
 
 /// Bind 127.0.0.1:`host_port` (0: any free port).
@@ -79,10 +89,7 @@ async fn connect(upstream: &Upstream, port: u16) -> io::Result<TcpStream> {
         Upstream::Namespace { netns, address } => (netns, *address),
         Upstream::Guest(address) => {
             let target = SocketAddr::from((*address, port));
-            return match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-                Ok(result) => result,
-                Err(_) => Err(no_answer(target)),
-            };
+            return within(target, TcpStream::connect(target)).await;
         }
     };
     let mut targets: Vec<SocketAddr> = vec![
@@ -99,10 +106,9 @@ async fn connect(upstream: &Upstream, port: u16) -> io::Result<TcpStream> {
                 continue;
             }
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = no_answer(target),
+        match within(target, socket.connect(target)).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
         }
     }
     Err(last)

@@ -160,36 +160,37 @@ impl Packer<'_> {
             FileKind::Dir => {
                 let mut dir_name = archive_name.to_vec();
                 dir_name.push(b'/');
-                if self.layer
-                    && let Ok(fd) = nix::fcntl::openat(
+                // A mount point below the top: its contents are another file
+                // system's (e.g. /proc), not part of this tree.
+                let own = st.st_dev == self.dev;
+                if own && depth > 4 * MAX_DEPTH {
+                    return Err(invalid(format!("{shown_name} is nested too deeply")));
+                }
+                let child = if own {
+                    let fd = nix::fcntl::openat(
                         dir.as_fd(),
                         name,
                         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                         Mode::empty(),
                     )
+                    .map_err(|e| errno_error(e, &shown_name))?;
+                    Some(fd)
+                } else {
+                    None
+                };
+                if self.layer
+                    && let Some(child) = &child
                 {
-                    self.xattr_records(&fd, &shown_name)?;
+                    self.xattr_records(child, &shown_name)?;
                 }
                 let mut header = header_for(st, EntryType::Directory, 0);
                 self.builder
                     .append_data(&mut header, OsStr::from_bytes(&dir_name), std::io::empty())
                     .map_err(fail)?;
                 self.entries += 1;
-                if st.st_dev != self.dev {
-                    // A mount point below the top: its contents are another
-                    // file system's (e.g. /proc), not part of this tree.
+                let Some(child) = child else {
                     return Ok(());
-                }
-                if depth > 4 * MAX_DEPTH {
-                    return Err(invalid(format!("{shown_name} is nested too deeply")));
-                }
-                let child = nix::fcntl::openat(
-                    dir.as_fd(),
-                    name,
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| errno_error(e, &shown_name))?;
+                };
                 if self.layer && is_opaque(&child) {
                     // Nothing of the layers below shows through.
                     dir_name.extend_from_slice(b".wh..wh..opq");
