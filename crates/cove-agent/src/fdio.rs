@@ -3,6 +3,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use bytes::BytesMut;
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use tokio::io::unix::AsyncFd;
@@ -48,6 +49,41 @@ pub async fn read(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usiz
             Err(e) => Err(std::io::Error::from(e)),
         }) {
             Ok(result) => return result,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Read what is available, at most `max` bytes, into `buf`'s spare
+/// capacity (which must hold `max`), waiting until something is; returns
+/// as [`read`] does.
+pub async fn read_buf(
+    fd: &AsyncFd<OwnedFd>,
+    buf: &mut BytesMut,
+    max: usize,
+) -> std::io::Result<usize> {
+    assert!(buf.capacity() - buf.len() >= max, "no room for the read");
+    loop {
+        let mut guard = fd.readable().await?;
+        let spare = &mut buf.spare_capacity_mut()[..max];
+        match guard.try_io(|inner| {
+            // SAFETY: read(2) writes at most `spare.len()` bytes to memory
+            // this function borrows mutably, and nothing reads it first.
+            let rc = unsafe { libc::read(inner.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            match usize::try_from(rc) {
+                Ok(n) => Ok(n),
+                Err(_) => match std::io::Error::last_os_error() {
+                    e if e.raw_os_error() == Some(libc::EIO) => Ok(0),
+                    e => Err(e),
+                },
+            }
+        }) {
+            Ok(Ok(n)) => {
+                // SAFETY: read(2) initialised the first `n` spare bytes.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+            Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue,
         }
     }

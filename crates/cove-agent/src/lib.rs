@@ -12,8 +12,10 @@
 //! so they never block on a full pipe.
 
 mod cgroup;
+mod conn;
 mod fdio;
 mod files;
+mod output_log;
 mod process;
 pub mod spawn;
 pub mod users;
@@ -26,13 +28,14 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use cove_protocol::{AgentHello, AgentMessage, FrameCodec, HostMessage, PROTOCOL_VERSION};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, mpsc};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::sync::Notify;
+use tokio_util::codec::FramedRead;
 
 pub use cgroup::{CgroupKind, ProcessCgroups};
+use conn::ConnTx;
 use process::Proc;
 
 /// How the agent was set up by the backend that started it.
@@ -65,8 +68,6 @@ pub struct Endpoints {
     /// A listening unix stream socket.
     pub listener: Option<OwnedFd>,
 }
-
-pub(crate) type ConnTx = mpsc::Sender<AgentMessage>;
 
 /// Most finished background processes kept for late readers.
 const RETAIN_COUNT: usize = 128;
@@ -319,23 +320,8 @@ where
     W: AsyncWrite + Unpin + 'static,
 {
     let mut reader = FramedRead::new(read, FrameCodec::<HostMessage, AgentMessage>::new());
-    let (tx, mut rx) = mpsc::channel::<AgentMessage>(64);
-    let writer = tokio::task::spawn_local(async move {
-        let mut sink = FramedWrite::new(write, FrameCodec::<HostMessage, AgentMessage>::new());
-        while let Some(msg) = rx.recv().await {
-            if sink.feed(msg).await.is_err() {
-                return;
-            }
-            while let Ok(msg) = rx.try_recv() {
-                if sink.feed(msg).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (tx, writer) = conn::channel(write);
+    let writer = tokio::task::spawn_local(writer);
 
     let greeted = match reader.next().await {
         Some(Ok(HostMessage::Hello(hello))) if hello.version == PROTOCOL_VERSION => {

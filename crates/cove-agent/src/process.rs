@@ -24,7 +24,6 @@
 //! `Exited` once both streams are fully delivered.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -34,14 +33,23 @@ use cove_protocol::{
     SpawnErrorKind, Stream,
 };
 use nix::sys::wait::WaitStatus;
+use bytes::BytesMut;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::cgroup::read_oom_kills;
 use crate::fdio;
+use crate::output_log::OutputLog;
 use crate::spawn::{ChildStdio, Prepared, SpawnFailure};
 use crate::users::{self, Identity};
 use crate::{Agent, ConnTx};
+
+/// Bytes allocated at a time for a pump's reads (several reads of at most
+/// `MAX_CHUNK` share one allocation). A 1 MiB pipe and 1 MiB reads for
+/// fast writers were tried: streaming over SSE fell from ~480 to ~280
+/// MiB/s (probably as the bytes no longer stay in cache from writer to
+/// agent).
+const READ_BUFFER: usize = 4 * MAX_CHUNK;
 
 /// How long pipes may stay silent after the process exited before the
 /// pumps stop forwarding (a background child still holds them open).
@@ -57,93 +65,6 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 enum StdinCmd {
     Data(Vec<u8>, ConnTx),
     Close,
-}
-
-/// The bytes of one output stream still held, with their offsets.
-struct OutputLog {
-    buf: VecDeque<u8>,
-    /// Offset of `buf[0]` in the stream.
-    start: u64,
-    /// Most bytes held at once.
-    cap: usize,
-    /// Bytes the process wrote (also those past `limit`).
-    produced: u64,
-    /// `max_output`: bytes past it are discarded.
-    limit: Option<u64>,
-    truncated: bool,
-}
-
-impl OutputLog {
-    fn new(cap: usize, limit: Option<u64>) -> OutputLog {
-        OutputLog {
-            buf: VecDeque::new(),
-            start: 0,
-            cap,
-            produced: 0,
-            limit,
-            truncated: false,
-        }
-    }
-
-    fn end(&self) -> u64 {
-        self.start + self.buf.len() as u64
-    }
-
-    /// Append what the process wrote; returns whether anything was kept.
-    /// The log then keeps its newest `cap` bytes, except that nothing at or
-    /// after `floor` (what a holding reader has not read) is ever dropped.
-    fn append(&mut self, data: &[u8], floor: Option<u64>) -> bool {
-        self.produced += data.len() as u64;
-        let keep = match self.limit {
-            Some(limit) => (limit.saturating_sub(self.end())).min(data.len() as u64) as usize,
-            None => data.len(),
-        };
-        if keep < data.len() {
-            self.truncated = true;
-        }
-        self.buf.extend(&data[..keep]);
-        if self.buf.len() > self.cap {
-            let oldest_kept = self.end() - self.cap as u64;
-            self.trim_to(floor.map_or(oldest_kept, |f| f.min(oldest_kept)));
-        }
-        keep > 0
-    }
-
-    /// How much a pump may read while a reader holds the process back
-    /// (`floor` is what that reader has not read yet), or `None` when the
-    /// reader is a full buffer behind. Bytes past `max_output` are
-    /// discarded, so they need no room.
-    fn room(&self, floor: u64) -> Option<usize> {
-        if self.limit.is_some_and(|l| self.end() >= l) {
-            return Some(MAX_CHUNK);
-        }
-        let unread = self.end().saturating_sub(floor) as usize;
-        let free = self.cap.saturating_sub(unread);
-        (free > 0).then(|| free.min(MAX_CHUNK))
-    }
-
-    /// Forget everything before offset `to`.
-    fn trim_to(&mut self, to: u64) {
-        let n = to.saturating_sub(self.start).min(self.buf.len() as u64) as usize;
-        self.buf.drain(..n);
-        self.start += n as u64;
-    }
-
-    /// Copy up to `max` bytes from offset `from` (which must be >= start).
-    fn read(&self, from: u64, max: usize) -> Vec<u8> {
-        let skip = ((from - self.start) as usize).min(self.buf.len());
-        let n = max.min(self.buf.len() - skip);
-        let mut out = Vec::with_capacity(n);
-        // The ring buffer's two slices, copied whole, not byte by byte.
-        let (front, back) = self.buf.as_slices();
-        let from_front = front.len().saturating_sub(skip).min(n);
-        if from_front > 0 {
-            out.extend_from_slice(&front[skip..skip + from_front]);
-        }
-        let back_skip = skip.saturating_sub(front.len());
-        out.extend_from_slice(&back[back_skip..back_skip + (n - from_front)]);
-        out
-    }
 }
 
 /// One connection reading one process.
@@ -238,7 +159,7 @@ impl Proc {
 
     /// Bytes held in the logs (for the retention budget).
     pub(crate) fn held_bytes(&self) -> usize {
-        self.logs.iter().map(|l| l.borrow().buf.len()).sum()
+        self.logs.iter().map(|l| l.borrow().held()).sum()
     }
 
     pub(crate) fn finished_at(&self) -> Option<Instant> {
@@ -760,7 +681,9 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
     };
     let i = index(stream);
     let mut exited = proc.exited.subscribe();
-    let mut buf = vec![0u8; MAX_CHUNK];
+    // Reads land here and go to the log without a copy; the buffer moves
+    // on to a new allocation when this one is used up.
+    let mut buf = BytesMut::new();
     loop {
         // With a holding reader, read only while it is less than a full
         // buffer behind.
@@ -771,13 +694,16 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
             let Some(floor) = proc.floor(i) else {
                 break MAX_CHUNK;
             };
-            if let Some(want) = proc.logs[i].borrow().room(floor) {
+            if let Some(want) = proc.logs[i].borrow().room(floor, MAX_CHUNK) {
                 break want;
             }
             room.await;
         };
+        if buf.capacity() < want {
+            buf.reserve(READ_BUFFER);
+        }
         let n = if *exited.borrow() {
-            match tokio::time::timeout(EXIT_GRACE, fdio::read(&fd, &mut buf[..want])).await {
+            match tokio::time::timeout(EXIT_GRACE, fdio::read_buf(&fd, &mut buf, want)).await {
                 Ok(result) => result,
                 Err(_quiet) => {
                     tokio::task::spawn_local(drain(fd));
@@ -786,16 +712,15 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
             }
         } else {
             tokio::select! {
-                result = fdio::read(&fd, &mut buf[..want]) => result,
+                result = fdio::read_buf(&fd, &mut buf, want) => result,
                 _ = exited.changed() => continue,
             }
         };
-        let n = match n {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
+        if matches!(n, Ok(0) | Err(_)) {
+            break;
+        }
         let floor = proc.floor(i);
-        if proc.logs[i].borrow_mut().append(&buf[..n], floor) {
+        if proc.logs[i].borrow_mut().append(buf.split().freeze(), floor) {
             proc.data.notify_waiters();
         }
     }
@@ -810,6 +735,12 @@ async fn drain(fd: AsyncFd<OwnedFd>) {
             break;
         }
     }
+}
+
+/// What a subscriber is sent next.
+enum Send {
+    Message(AgentMessage),
+    Output(Stream, u64, Vec<bytes::Bytes>),
 }
 
 /// Send a process's output to one subscriber, then its exit.
@@ -829,29 +760,25 @@ async fn deliver(agent: Rc<Agent>, proc: Rc<Proc>, sub: Rc<Subscription>) {
             let i = index(stream);
             let log = proc.logs[i].borrow();
             let next = sub.next[i].get();
-            if next < log.start {
-                sub.next[i].set(log.start);
-                message = Some(AgentMessage::Dropped {
+            if next < log.start() {
+                sub.next[i].set(log.start());
+                message = Some(Send::Message(AgentMessage::Dropped {
                     pid,
                     stream,
                     from: next,
-                    to: log.start,
-                });
+                    to: log.start(),
+                }));
                 break;
             }
             let available = log.end().saturating_sub(next);
             let credit = sub.credit.get();
             if available > 0 && credit > 0 {
                 let n = available.min(credit).min(MAX_OUTPUT_CHUNK as u64) as usize;
-                let data = log.read(next, n);
-                sub.next[i].set(next + data.len() as u64);
-                sub.credit.set(credit - data.len() as u64);
-                message = Some(AgentMessage::Output {
-                    pid,
-                    stream,
-                    offset: next,
-                    data,
-                });
+                let parts = log.read(next, n);
+                let len = parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                sub.next[i].set(next + len);
+                sub.credit.set(credit - len);
+                message = Some(Send::Output(stream, next, parts));
                 break;
             }
         }
@@ -859,7 +786,13 @@ async fn deliver(agent: Rc<Agent>, proc: Rc<Proc>, sub: Rc<Subscription>) {
             if sub.backpressure {
                 proc.room.notify_waiters();
             }
-            if sub.conn.send(message).await.is_err() {
+            let sent = match message {
+                Send::Message(message) => sub.conn.send(message).await,
+                Send::Output(stream, offset, parts) => {
+                    sub.conn.send_output(pid, stream, offset, parts).await
+                }
+            };
+            if sent.is_err() {
                 proc.unsubscribe(&sub.conn);
                 return;
             }
@@ -925,63 +858,5 @@ async fn feed_stdin(
                 break;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn logs_keep_offsets_through_trims_and_drops() {
-        let mut log = OutputLog::new(8, None);
-        assert!(log.append(b"hello", None));
-        assert_eq!((log.start, log.end()), (0, 5));
-        log.append(b" world", None);
-        // Over the cap: the oldest bytes go, offsets stay true.
-        assert_eq!((log.start, log.end()), (3, 11));
-        assert_eq!(log.read(3, 100), b"lo world");
-        log.trim_to(9);
-        assert_eq!(log.read(9, 100), b"ld");
-        assert_eq!(log.produced, 11);
-    }
-
-    #[test]
-    fn reads_across_the_ring_buffers_wrap_are_exact() {
-        let mut log = OutputLog::new(64, None);
-        let stream: Vec<u8> = (0..=255u8).cycle().take(2000).collect();
-        let mut written = 0;
-        for piece in stream.chunks(23) {
-            log.append(piece, None);
-            written += piece.len();
-            for from in log.start..log.end() {
-                for max in [1, 7, 64, 100] {
-                    let from_i = from as usize;
-                    let end = (from_i + max).min(written);
-                    assert_eq!(log.read(from, max), &stream[from_i..end], "{from} {max}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_holding_reader_keeps_what_it_has_not_read() {
-        let mut log = OutputLog::new(4, None);
-        log.append(b"abcd", Some(0));
-        assert_eq!(log.room(0), None, "a full buffer ahead of the reader");
-        assert_eq!(log.room(2), Some(2));
-        log.append(b"ef", Some(2));
-        // Read bytes go first; the unread ones stay.
-        assert_eq!((log.start, log.read(2, 10)), (2, b"cdef".to_vec()));
-    }
-
-    #[test]
-    fn logs_cut_at_max_output() {
-        let mut log = OutputLog::new(1024, Some(4));
-        log.append(b"abcdef", Some(0));
-        assert_eq!(log.read(0, 100), b"abcd");
-        assert!(log.truncated);
-        assert!(!log.append(b"more", Some(0)));
-        assert_eq!(log.produced, 10);
     }
 }

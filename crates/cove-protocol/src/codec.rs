@@ -8,6 +8,8 @@ use bytes::{Buf, BufMut, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::{AgentMessage, Stream};
+
 /// Largest payload accepted in one frame. Output chunks are at most
 /// [`crate::MAX_CHUNK`]; the rest is room for stdin and specs.
 pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
@@ -116,6 +118,44 @@ fn encode_into<T: Serialize>(item: &T, dst: &mut BytesMut, max: usize) -> Result
     }
     dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// Append one message to `dst` as a complete frame.
+pub fn encode_frame_into<T: Serialize>(item: &T, dst: &mut BytesMut) -> Result<(), DecodeError> {
+    encode_into(item, dst, MAX_FRAME_LEN)
+}
+
+/// The start of the frame of an [`AgentMessage::Output`] carrying `len`
+/// bytes: the frame is these bytes followed by the output itself, so a
+/// sender can write output from where it already lies (a vectored write)
+/// instead of copying it into an encoded message first.
+pub fn output_frame_head(
+    pid: u32,
+    stream: Stream,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    // The message with no bytes ends in the data's length, a varint 0;
+    // postcard writes the real length the same way (as any `u64`).
+    let empty = AgentMessage::Output {
+        pid,
+        stream,
+        offset,
+        data: Vec::new(),
+    };
+    let mut head = vec![0u8; HEADER_LEN];
+    postcard::to_io(&empty, &mut head)?;
+    head.pop();
+    postcard::to_io(&(len as u64), &mut head)?;
+    let frame_len = head.len() - HEADER_LEN + len;
+    if frame_len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLarge {
+            len: frame_len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    head[..HEADER_LEN].copy_from_slice(&(frame_len as u32).to_le_bytes());
+    Ok(head)
 }
 
 /// Encode one message as a complete frame.

@@ -30,7 +30,10 @@ pub mod client;
 mod codec;
 pub mod fs;
 
-pub use codec::{DecodeError, FrameCodec, MAX_FRAME_LEN, decode_frame, encode_frame};
+pub use codec::{
+    DecodeError, FrameCodec, MAX_FRAME_LEN, decode_frame, encode_frame, encode_frame_into,
+    output_frame_head,
+};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. Bumped on any incompatible change.

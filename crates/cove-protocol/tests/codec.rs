@@ -7,7 +7,7 @@
 use bytes::BytesMut;
 use cove_protocol::{
     AgentMessage, CommandLine, DecodeError, ExitStatus, FrameCodec, HostMessage, MAX_FRAME_LEN,
-    ProcessSpec, PtySize, Stream, decode_frame, encode_frame,
+    ProcessSpec, PtySize, Stream, decode_frame, encode_frame, output_frame_head,
 };
 use proptest::prelude::*;
 use tokio_util::codec::{Decoder, Encoder};
@@ -135,6 +135,32 @@ proptest! {
             prop_assert_eq!(first, Some(msg));
         }
     }
+}
+
+proptest! {
+    // Fewer cases: some carry a megabyte.
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn an_output_head_and_its_bytes_are_the_encoded_message(
+        pid in any::<u32>(),
+        stderr in any::<bool>(),
+        offset in any::<u64>(),
+        len in prop_oneof![0usize..300, 16_000usize..17_000, Just(1 << 20)],
+    ) {
+        let stream = if stderr { Stream::Stderr } else { Stream::Stdout };
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut frame = output_frame_head(pid, stream, offset, len).unwrap();
+        frame.extend_from_slice(&data);
+        let message = AgentMessage::Output { pid, stream, offset, data };
+        prop_assert_eq!(&frame, &encode_frame(&message).unwrap());
+    }
+}
+
+#[test]
+fn an_output_head_refuses_a_frame_over_the_limit() {
+    let err = output_frame_head(1, Stream::Stdout, 0, MAX_FRAME_LEN).unwrap_err();
+    assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
 }
 
 #[test]

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use cove_protocol::AgentMessage;
 use cove_protocol::fs::{FileKind, FsDone, FsError, FsErrorKind, FsEvent, FsOp, FsReply};
-use tokio::sync::mpsc;
 
 use super::control::{Control, Ctx};
 use super::path::Root;
@@ -47,7 +46,7 @@ fn root(dir: &Path) -> Arc<Root> {
 
 /// Run `op` with `upload` fed in as chunks; collect everything it sends.
 fn op(root: &Arc<Root>, op: FsOp, upload: &[&[u8]]) -> Done {
-    let (tx, mut rx) = mpsc::channel(1024);
+    let (tx, mut rx) = crate::conn::test_channel(1024);
     let ctl = Control::new(u64::MAX / 2);
     for chunk in upload {
         ctl.push(chunk.to_vec());
@@ -169,7 +168,7 @@ fn an_abandoned_upload_leaves_nothing() {
     let root = root(dir.path());
     std::fs::create_dir(dir.path().join("work")).unwrap();
     std::fs::write(dir.path().join("work/keep"), "old").unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = crate::conn::test_channel(64);
     let ctl = Control::new(0);
     ctl.push(b"new content".to_vec());
     let ctx = Ctx::new(1, tx, ctl.clone());
@@ -600,7 +599,7 @@ fn watch_reports_changes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("w")).unwrap();
     let root = root(dir.path());
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = crate::conn::test_channel(64);
     let ctl = Control::new(1000);
     let ctx = Ctx::new(3, tx, ctl.clone());
     let r = root.clone();
