@@ -45,7 +45,10 @@ pub(crate) struct ConnTx(mpsc::Sender<Outgoing>);
 
 impl ConnTx {
     pub(crate) async fn send(&self, msg: AgentMessage) -> Result<(), Closed> {
-        self.0.send(Outgoing::Message(msg)).await.map_err(|_| Closed)
+        self.0
+            .send(Outgoing::Message(msg))
+            .await
+            .map_err(|_| Closed)
     }
 
     /// Send from a thread outside the agent's runtime.

@@ -69,7 +69,8 @@ pub async fn read_buf(
         match guard.try_io(|inner| {
             // SAFETY: read(2) writes at most `spare.len()` bytes to memory
             // this function borrows mutably, and nothing reads it first.
-            let rc = unsafe { libc::read(inner.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            let rc =
+                unsafe { libc::read(inner.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
             match usize::try_from(rc) {
                 Ok(n) => Ok(n),
                 Err(_) => match std::io::Error::last_os_error() {

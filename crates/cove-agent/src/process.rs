@@ -28,12 +28,12 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use cove_protocol::{
     AgentMessage, ExitStatus, MAX_CHUNK, MAX_OUTPUT_CHUNK, ProcessInfo, ProcessSpec, SpawnError,
     SpawnErrorKind, Stream,
 };
 use nix::sys::wait::WaitStatus;
-use bytes::BytesMut;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -720,7 +720,10 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
             break;
         }
         let floor = proc.floor(i);
-        if proc.logs[i].borrow_mut().append(buf.split().freeze(), floor) {
+        if proc.logs[i]
+            .borrow_mut()
+            .append(buf.split().freeze(), floor)
+        {
             proc.data.notify_waiters();
         }
     }

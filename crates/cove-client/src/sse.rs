@@ -5,7 +5,13 @@
 //! lines are joined with `\n`; comments (`: heartbeat`) and unknown fields
 //! are skipped, as the HTML standard's event-stream parsing says. The
 //! buffer is scanned once with `memchr`, so a large event costs a few
-//! passes over its bytes, not one per network read.
+//! passes over its bytes, not one per network read, and an event's one
+//! `data` line (the usual case) comes out as a slice of the buffer, not a
+//! copy.
+
+use std::ops::Range;
+
+use bytes::{Buf, Bytes, BytesMut};
 
 /// One event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,13 +21,14 @@ pub(crate) struct SseEvent {
     /// The `id` field of this event, if it had one.
     pub id: Option<String>,
     /// The `data` lines, joined with `\n`.
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 /// The decoder's state between reads.
 #[derive(Debug, Default)]
 pub(crate) struct SseDecoder {
-    buf: Vec<u8>,
+    /// Bytes from the start of the event being read.
+    buf: BytesMut,
     /// Where the first line not yet parsed starts.
     pos: usize,
     /// How far past `pos` the buffer is known to hold no line end: a long
@@ -29,17 +36,18 @@ pub(crate) struct SseDecoder {
     scanned: usize,
     name: Option<String>,
     id: Option<String>,
-    data: Vec<u8>,
-    /// Whether the event being read has any `data` line.
-    has_data: bool,
+    /// The event's data: its first line's place in `buf`, and any further
+    /// lines joined after a copy of it.
+    first_data: Option<Range<usize>>,
+    more_data: Vec<u8>,
 }
 
 impl SseDecoder {
     /// Add bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
-        // Drop what was parsed before growing the buffer.
-        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
-            self.buf.drain(..self.pos);
+        // Lines parsed before any data (comments, `event`, `id`) are done with.
+        if self.first_data.is_none() && self.pos > 0 {
+            self.buf.advance(self.pos);
             self.pos = 0;
         }
         self.buf.extend_from_slice(bytes);
@@ -84,36 +92,48 @@ impl SseDecoder {
         }
         let (name, value) = match memchr::memchr(b':', line) {
             Some(colon) => {
-                let value = &line[colon + 1..];
-                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+                let value = start + colon + 1..start + len;
+                let space = usize::from(self.buf.get(value.start) == Some(&b' '));
+                (&line[..colon], value.start + space..value.end)
             }
-            None => (line, &b""[..]),
+            None => (line, start + len..start + len),
         };
         match name {
-            b"data" => {
-                if self.has_data {
-                    self.data.push(b'\n');
+            b"data" => match &self.first_data {
+                None => self.first_data = Some(value),
+                Some(first) => {
+                    if self.more_data.is_empty() {
+                        self.more_data.extend_from_slice(&self.buf[first.clone()]);
+                    }
+                    self.more_data.push(b'\n');
+                    self.more_data.extend_from_slice(&self.buf[value]);
                 }
-                self.has_data = true;
-                self.data.extend_from_slice(value);
-            }
-            b"event" => self.name = Some(String::from_utf8_lossy(value).into_owned()),
-            b"id" => self.id = Some(String::from_utf8_lossy(value).into_owned()),
+            },
+            b"event" => self.name = Some(String::from_utf8_lossy(&self.buf[value]).into_owned()),
+            b"id" => self.id = Some(String::from_utf8_lossy(&self.buf[value]).into_owned()),
             _ => {}
         }
     }
 
-    /// End of an event: hand it out, unless it had no data.
+    /// End of an event: hand it out, unless it had no data. The event's
+    /// bytes leave the buffer, whose room is reused once they are dropped.
     fn dispatch(&mut self) -> Option<SseEvent> {
         let name = self.name.take();
         let id = self.id.take();
-        if !std::mem::take(&mut self.has_data) {
-            return None;
-        }
+        let first = self.first_data.take();
+        let more = std::mem::take(&mut self.more_data);
+        let event = self.buf.split_to(self.pos).freeze();
+        self.pos = 0;
+        let first = first?;
+        let data = if more.is_empty() {
+            event.slice(first)
+        } else {
+            Bytes::from(more)
+        };
         Some(SseEvent {
             name: name.unwrap_or_else(|| "message".to_string()),
             id,
-            data: std::mem::take(&mut self.data),
+            data,
         })
     }
 }
@@ -130,7 +150,7 @@ mod tests {
         SseEvent {
             name: name.into(),
             id: id.map(Into::into),
-            data: data.as_bytes().to_vec(),
+            data: Bytes::copy_from_slice(data.as_bytes()),
         }
     }
 
@@ -179,6 +199,16 @@ mod tests {
         assert_eq!(all(&mut decoder), vec![]);
         decoder.push(b"\n");
         assert_eq!(all(&mut decoder), vec![event("stdout", None, "xy")]);
+    }
+
+    #[test]
+    fn comments_with_no_event_do_not_pile_up() {
+        let mut decoder = SseDecoder::default();
+        for _ in 0..100_000 {
+            decoder.push(b": heartbeat\n");
+            assert_eq!(all(&mut decoder), vec![]);
+        }
+        assert!(decoder.buf.len() < 64, "{} bytes held", decoder.buf.len());
     }
 
     #[test]
