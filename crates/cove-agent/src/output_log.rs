@@ -126,10 +126,7 @@ impl OutputLog {
     /// Forget everything before offset `to`.
     pub(crate) fn trim_to(&mut self, to: u64) {
         let to = to.clamp(self.start, self.end());
-        loop {
-            let Some((offset, piece)) = self.pieces.front_mut() else {
-                break;
-            };
+        while let Some((offset, piece)) = self.pieces.front_mut() {
             let piece_end = *offset + piece.len() as u64;
             if piece_end <= to {
                 self.pieces.pop_front();

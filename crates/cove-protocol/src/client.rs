@@ -10,14 +10,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::{
-    AgentHello, AgentMessage, DecodeError, ExitStatus, FrameCodec, Hello, HostMessage, MAX_CHUNK,
-    PROTOCOL_VERSION, ProcessInfo, ProcessSpec, SpawnError, Stream,
+    AgentHello, AgentMessage, DecodeError, ExitStatus, FromAgent, Hello, HostCodec, HostMessage,
+    MAX_CHUNK, PROTOCOL_VERSION, ProcessInfo, ProcessSpec, SpawnError, Stream,
 };
 
 mod chunks;
@@ -55,7 +56,7 @@ pub enum ProcessEvent {
     Output {
         stream: Stream,
         offset: u64,
-        data: Vec<u8>,
+        data: Bytes,
     },
     /// Bytes `from..to` of `stream` were dropped from the replay buffer
     /// before this reader got them.
@@ -124,8 +125,8 @@ impl AgentClient {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (read, write) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(read, FrameCodec::<AgentMessage, HostMessage>::new());
-        let mut writer = FramedWrite::new(write, FrameCodec::<AgentMessage, HostMessage>::new());
+        let mut reader = FramedRead::new(read, HostCodec);
+        let mut writer = FramedWrite::new(write, HostCodec);
         writer
             .send(HostMessage::Hello(Hello {
                 version: PROTOCOL_VERSION,
@@ -133,8 +134,8 @@ impl AgentClient {
             }))
             .await?;
         let hello = match reader.next().await {
-            Some(Ok(AgentMessage::Hello(hello))) => hello,
-            Some(Ok(AgentMessage::Error { message, .. })) => {
+            Some(Ok(FromAgent::Message(AgentMessage::Hello(hello)))) => hello,
+            Some(Ok(FromAgent::Message(AgentMessage::Error { message, .. }))) => {
                 return Err(ClientError::Handshake(message));
             }
             Some(Ok(other)) => {
@@ -384,8 +385,26 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
-fn route(routes: &Mutex<Routes>, msg: AgentMessage) {
+fn route(routes: &Mutex<Routes>, msg: FromAgent) {
     let mut routes = lock(routes);
+    let msg = match msg {
+        FromAgent::Output {
+            pid,
+            stream,
+            offset,
+            data,
+        } => {
+            if let Some(events) = routes.procs.get(&pid) {
+                let _ = events.send(Ok(ProcessEvent::Output {
+                    stream,
+                    offset,
+                    data,
+                }));
+            }
+            return;
+        }
+        FromAgent::Message(msg) => msg,
+    };
     match msg {
         AgentMessage::Spawned { req, pid } => {
             if let Some(waiter) = routes.pending.remove(&req) {
@@ -414,7 +433,7 @@ fn route(routes: &Mutex<Routes>, msg: AgentMessage) {
                 let _ = events.send(Ok(ProcessEvent::Output {
                     stream,
                     offset,
-                    data,
+                    data: data.into(),
                 }));
             }
         }

@@ -4,11 +4,13 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, BufMut, BytesMut};
-use serde::{Serialize, de::DeserializeOwned};
+use std::sync::OnceLock;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::{AgentMessage, Stream};
+use crate::{AgentMessage, HostMessage, Stream};
 
 /// Largest payload accepted in one frame. Output chunks are at most
 /// [`crate::MAX_CHUNK`]; the rest is room for stdin and specs.
@@ -61,23 +63,10 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
     type Error = DecodeError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, DecodeError> {
-        if src.len() < HEADER_LEN {
-            return Ok(None);
+        match next_payload(src, self.max_len)? {
+            Some(payload) => decode_payload(&payload).map(Some),
+            None => Ok(None),
         }
-        let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        if len > self.max_len {
-            return Err(DecodeError::TooLarge {
-                len,
-                max: self.max_len,
-            });
-        }
-        if src.len() < HEADER_LEN + len {
-            src.reserve(HEADER_LEN + len - src.len());
-            return Ok(None);
-        }
-        src.advance(HEADER_LEN);
-        let payload = src.split_to(len);
-        decode_payload(&payload).map(Some)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<In>, DecodeError> {
@@ -95,6 +84,24 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), DecodeError> {
         encode_into(&item, dst, self.max_len)
     }
+}
+
+/// Take the next whole frame's payload off `src`, checking its length
+/// before anything is allocated for it.
+fn next_payload(src: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, DecodeError> {
+    if src.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
+    if len > max {
+        return Err(DecodeError::TooLarge { len, max });
+    }
+    if src.len() < HEADER_LEN + len {
+        src.reserve(HEADER_LEN + len - src.len());
+        return Ok(None);
+    }
+    src.advance(HEADER_LEN);
+    Ok(Some(src.split_to(len)))
 }
 
 fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
@@ -118,6 +125,93 @@ fn encode_into<T: Serialize>(item: &T, dst: &mut BytesMut, max: usize) -> Result
     }
     dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// A message from the agent as the host reads it: an `Output`'s bytes stay
+/// where they were read (a slice of the frame, not a copy).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromAgent {
+    Output {
+        pid: u32,
+        stream: Stream,
+        offset: u64,
+        data: Bytes,
+    },
+    Message(AgentMessage),
+}
+
+/// A `tokio_util` codec for the host's side of a connection: reads
+/// [`FromAgent`], writes [`HostMessage`]s.
+#[derive(Debug, Default)]
+pub struct HostCodec;
+
+impl Decoder for HostCodec {
+    type Item = FromAgent;
+    type Error = DecodeError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<FromAgent>, DecodeError> {
+        match next_payload(src, MAX_FRAME_LEN)? {
+            Some(payload) => decode_from_agent(payload.freeze()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<FromAgent>, DecodeError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(DecodeError::Truncated),
+        }
+    }
+}
+
+impl Encoder<HostMessage> for HostCodec {
+    type Error = DecodeError;
+
+    fn encode(&mut self, item: HostMessage, dst: &mut BytesMut) -> Result<(), DecodeError> {
+        encode_into(&item, dst, MAX_FRAME_LEN)
+    }
+}
+
+/// The first byte of an encoded `AgentMessage::Output`: its variant index.
+fn output_tag() -> u8 {
+    static TAG: OnceLock<u8> = OnceLock::new();
+    *TAG.get_or_init(|| {
+        let empty = AgentMessage::Output {
+            pid: 0,
+            stream: Stream::Stdout,
+            offset: 0,
+            data: Vec::new(),
+        };
+        postcard::to_allocvec(&empty).map_or(u8::MAX, |bytes| bytes[0])
+    })
+}
+
+/// Decode one frame's payload from the agent.
+fn decode_from_agent(payload: Bytes) -> Result<FromAgent, DecodeError> {
+    /// `AgentMessage::Output`'s fields, its bytes borrowed from the frame.
+    #[derive(Deserialize)]
+    struct OutputFields<'a> {
+        pid: u32,
+        stream: Stream,
+        offset: u64,
+        data: &'a [u8],
+    }
+    if payload.first() != Some(&output_tag()) {
+        return decode_payload(&payload).map(FromAgent::Message);
+    }
+    let (fields, rest) = postcard::take_from_bytes::<OutputFields<'_>>(&payload[1..])?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    // The bytes are the message's last field, so they end the payload.
+    let start = payload.len() - fields.data.len();
+    Ok(FromAgent::Output {
+        pid: fields.pid,
+        stream: fields.stream,
+        offset: fields.offset,
+        data: payload.slice(start..),
+    })
 }
 
 /// Append one message to `dst` as a complete frame.

@@ -31,8 +31,8 @@ mod codec;
 pub mod fs;
 
 pub use codec::{
-    DecodeError, FrameCodec, MAX_FRAME_LEN, decode_frame, encode_frame, encode_frame_into,
-    output_frame_head,
+    DecodeError, FrameCodec, FromAgent, HostCodec, MAX_FRAME_LEN, decode_frame, encode_frame,
+    encode_frame_into, output_frame_head,
 };
 use serde::{Deserialize, Serialize};
 

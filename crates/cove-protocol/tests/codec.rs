@@ -6,8 +6,9 @@
 
 use bytes::BytesMut;
 use cove_protocol::{
-    AgentMessage, CommandLine, DecodeError, ExitStatus, FrameCodec, HostMessage, MAX_FRAME_LEN,
-    ProcessSpec, PtySize, Stream, decode_frame, encode_frame, output_frame_head,
+    AgentMessage, CommandLine, DecodeError, ExitStatus, FrameCodec, FromAgent, HostCodec,
+    HostMessage, MAX_FRAME_LEN, ProcessSpec, PtySize, Stream, decode_frame, encode_frame,
+    output_frame_head,
 };
 use proptest::prelude::*;
 use tokio_util::codec::{Decoder, Encoder};
@@ -135,6 +136,50 @@ proptest! {
             prop_assert_eq!(first, Some(msg));
         }
     }
+}
+
+proptest! {
+    #[test]
+    fn the_host_reads_every_agent_message_split_anywhere(msg in arb_agent(), split in any::<prop::sample::Index>()) {
+        let frame = encode_frame(&msg).unwrap();
+        let cut = split.index(frame.len());
+        let mut codec = HostCodec;
+        let mut buf = BytesMut::from(&frame[..cut]);
+        let mut got = codec.decode(&mut buf).unwrap();
+        if cut < frame.len() {
+            prop_assert!(got.is_none());
+            buf.extend_from_slice(&frame[cut..]);
+            got = codec.decode(&mut buf).unwrap();
+        }
+        let want = match msg {
+            AgentMessage::Output { pid, stream, offset, data } => FromAgent::Output {
+                pid,
+                stream,
+                offset,
+                data: data.into(),
+            },
+            other => FromAgent::Message(other),
+        };
+        prop_assert_eq!(got, Some(want));
+        prop_assert!(buf.is_empty());
+    }
+}
+
+#[test]
+fn the_host_keeps_output_where_it_was_read() {
+    let message = AgentMessage::Output {
+        pid: 3,
+        stream: Stream::Stdout,
+        offset: 0,
+        data: vec![5; 100_000],
+    };
+    let mut buf = BytesMut::from(&encode_frame(&message).unwrap()[..]);
+    let read = buf.as_ptr_range();
+    let Some(FromAgent::Output { data, .. }) = HostCodec.decode(&mut buf).unwrap() else {
+        panic!("not output");
+    };
+    assert_eq!(data.len(), 100_000);
+    assert!(read.contains(&data.as_ptr()), "the bytes were copied");
 }
 
 proptest! {

@@ -508,6 +508,11 @@ impl EventWriter {
 /// agent, at most `MAX_OUTPUT_CHUNK`, is never split).
 const JOIN_OUTPUT: usize = 1 << 20;
 
+/// Chunks from the agent at least this large are an event each, uncopied
+/// (the agent sends what it holds in one chunk, so a fast writer's chunks
+/// are large already).
+const JOIN_BELOW: usize = 64 * 1024;
+
 /// How long a stream may be silent before a heartbeat comment goes out
 /// (proxies close connections that look idle).
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -539,23 +544,35 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
             ProcessEvent::Output {
                 stream,
                 offset,
-                mut data,
+                data,
+            } if data.len() >= JOIN_BELOW => {
+                // Large enough to go alone, from where it was read.
+                writer
+                    .chunk(stream, offset, &data, false)
+                    .into_iter()
+                    .collect()
+            }
+            ProcessEvent::Output {
+                stream,
+                offset,
+                data,
             } => {
-                // Output that has already arrived goes in the same event:
-                // a fast writer makes few large events, not many small ones.
-                while data.len() < JOIN_OUTPUT {
+                // Small output that has already arrived goes in the same
+                // event: a fast writer of small pieces makes few events.
+                let mut joined = data.to_vec();
+                while joined.len() < JOIN_OUTPUT {
                     match process.try_next_event().await {
                         Some(Ok(ProcessEvent::Output {
                             stream: more_stream,
                             offset: more_offset,
                             data: more,
                         })) if more_stream == stream
-                            && more_offset == offset + data.len() as u64
-                            && data.len() + more.len() <= JOIN_OUTPUT =>
+                            && more_offset == offset + joined.len() as u64
+                            && joined.len() + more.len() <= JOIN_OUTPUT =>
                         {
                             // Grown once, not doubled (and copied) a few times.
-                            data.reserve_exact(JOIN_OUTPUT.saturating_sub(data.len()));
-                            data.extend_from_slice(&more);
+                            joined.reserve_exact(JOIN_OUTPUT.saturating_sub(joined.len()));
+                            joined.extend_from_slice(&more);
                         }
                         Some(other) => {
                             ahead = Some(other);
@@ -565,7 +582,7 @@ async fn relay(mut process: Process, from: [u64; 2], encoding: Encoding, tx: mps
                     }
                 }
                 writer
-                    .chunk(stream, offset, &data, false)
+                    .chunk(stream, offset, &joined, false)
                     .into_iter()
                     .collect()
             }
