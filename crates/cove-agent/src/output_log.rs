@@ -110,6 +110,19 @@ impl OutputLog {
         self.pieces.push_back((offset, piece));
     }
 
+    /// Copy a small log into one piece of its own, so that it no longer
+    /// holds on to the larger read buffers its pieces were cut from (for a
+    /// finished process kept for late readers).
+    pub(crate) fn compact(&mut self) {
+        if self.held > GATHER || self.pieces.len() + usize::from(!self.gathered.is_empty()) <= 1 {
+            return;
+        }
+        let whole = self.read(self.start, self.held).concat();
+        self.pieces.clear();
+        self.gathered.clear();
+        self.pieces.push_back((self.start, Bytes::from(whole)));
+    }
+
     /// How much a pump may read (at most `most`) while a reader holds the
     /// process back (`floor` is what that reader has not read yet), or
     /// `None` when the reader is a full buffer behind. Bytes past
@@ -247,6 +260,21 @@ mod tests {
         }
         assert_eq!((log.pieces.len(), log.gathered.len()), (1, 0));
         assert_eq!(read(&log, 0, usize::MAX).len(), GATHER);
+    }
+
+    #[test]
+    fn a_small_log_compacts_into_one_piece_of_its_own() {
+        let mut log = OutputLog::new(1 << 20, None);
+        let read_buffer = Bytes::from(vec![1u8; 256 * 1024]);
+        log.append(read_buffer.slice(..SHARE_MIN), None);
+        append(&mut log, b"tail", None);
+        log.trim_to(10);
+        log.compact();
+        assert_eq!(log.pieces.len(), 1);
+        assert!(log.gathered.is_empty());
+        let parts = log.read(10, usize::MAX);
+        assert_eq!(parts.concat().len(), SHARE_MIN - 10 + 4);
+        assert!(!read_buffer.as_ptr_range().contains(&parts[0].as_ptr()));
     }
 
     #[test]

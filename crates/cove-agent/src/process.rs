@@ -555,6 +555,9 @@ impl Agent {
             for pump in pumps {
                 let _ = pump.await;
             }
+            for log in &proc.logs {
+                log.borrow_mut().compact();
+            }
             {
                 let out = proc.logs[0].borrow();
                 let err = proc.logs[1].borrow();
