@@ -54,18 +54,19 @@ pub async fn read(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usiz
     }
 }
 
-/// Read what is available, at most `max` bytes, into `buf`'s spare
-/// capacity (which must hold `max`), waiting until something is; returns
-/// as [`read`] does.
+/// Read what is available, at most `max` bytes (and at most what `buf`
+/// has room for), into `buf`'s spare capacity, waiting until something
+/// is; returns as [`read`] does.
 pub async fn read_buf(
     fd: &AsyncFd<OwnedFd>,
     buf: &mut BytesMut,
     max: usize,
 ) -> std::io::Result<usize> {
-    assert!(buf.capacity() - buf.len() >= max, "no room for the read");
     loop {
         let mut guard = fd.readable().await?;
-        let spare = &mut buf.spare_capacity_mut()[..max];
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len().min(max);
+        let spare = &mut spare[..room];
         match guard.try_io(|inner| {
             // SAFETY: read(2) writes at most `spare.len()` bytes to memory
             // this function borrows mutably, and nothing reads it first.

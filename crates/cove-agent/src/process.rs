@@ -684,8 +684,9 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
     };
     let i = index(stream);
     let mut exited = proc.exited.subscribe();
-    // Reads land here and go to the log without a copy; the buffer moves
-    // on to a new allocation when this one is used up.
+    // Reads land here and go to the log without a copy (but for small
+    // ones, which it gathers); the buffer moves on to a new allocation
+    // when this one is used up.
     let mut buf = BytesMut::new();
     loop {
         // With a holding reader, read only while it is less than a full

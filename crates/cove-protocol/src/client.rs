@@ -386,6 +386,21 @@ pub struct Output {
 }
 
 fn route(routes: &Mutex<Routes>, msg: FromAgent) {
+    // (`HostCodec` never leaves output in a message; a copy would do.)
+    let msg = match msg {
+        FromAgent::Message(AgentMessage::Output {
+            pid,
+            stream,
+            offset,
+            data,
+        }) => FromAgent::Output {
+            pid,
+            stream,
+            offset,
+            data: data.into(),
+        },
+        other => other,
+    };
     let mut routes = lock(routes);
     let msg = match msg {
         FromAgent::Output {
@@ -423,20 +438,8 @@ fn route(routes: &Mutex<Routes>, msg: FromAgent) {
                 let _ = waiter.send(Ok((route, info)));
             }
         }
-        AgentMessage::Output {
-            pid,
-            stream,
-            offset,
-            data,
-        } => {
-            if let Some(events) = routes.procs.get(&pid) {
-                let _ = events.send(Ok(ProcessEvent::Output {
-                    stream,
-                    offset,
-                    data: data.into(),
-                }));
-            }
-        }
+        // Routed above, as `FromAgent::Output`.
+        AgentMessage::Output { .. } => {}
         AgentMessage::Dropped {
             pid,
             stream,

@@ -70,11 +70,8 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<In>, DecodeError> {
-        match self.decode(src)? {
-            Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() => Ok(None),
-            None => Err(DecodeError::Truncated),
-        }
+        let frame = self.decode(src)?;
+        at_eof(frame, src)
     }
 }
 
@@ -83,6 +80,16 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), DecodeError> {
         encode_into(&item, dst, self.max_len)
+    }
+}
+
+/// At the end of input, bytes left over that make no whole frame are a
+/// truncated frame.
+fn at_eof<T>(frame: Option<T>, src: &BytesMut) -> Result<Option<T>, DecodeError> {
+    match frame {
+        Some(frame) => Ok(Some(frame)),
+        None if src.is_empty() => Ok(None),
+        None => Err(DecodeError::Truncated),
     }
 }
 
@@ -157,11 +164,8 @@ impl Decoder for HostCodec {
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<FromAgent>, DecodeError> {
-        match self.decode(src)? {
-            Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() => Ok(None),
-            None => Err(DecodeError::Truncated),
-        }
+        let frame = self.decode(src)?;
+        at_eof(frame, src)
     }
 }
 
