@@ -554,6 +554,53 @@ fn a_dead_sandbox_factory_is_replaced() {
 }
 
 #[test]
+fn each_sandbox_has_a_network_namespace_of_its_own_with_only_lo_up() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let netns_of = |pid: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let host = netns_of("self");
+    // The factory keeps spare namespaces ready; every sandbox gets one of
+    // its own, never the host's or another sandbox's.
+    let ids: Vec<String> = (0..4).map(|_| d.create(json!({}))).collect();
+    let mut seen = vec![host.clone()];
+    for id in &ids {
+        let r = d.sh(
+            id,
+            "readlink /proc/self/ns/net; cat /sys/class/net/lo/flags; ls /sys/class/net",
+        );
+        let out = r["stdout"].as_str().unwrap().to_string();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{r}");
+        assert!(
+            !seen.contains(&lines[0].to_string()),
+            "{id} shares {}",
+            lines[0]
+        );
+        seen.push(lines[0].to_string());
+        let flags = u32::from_str_radix(lines[1].trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(flags & 1, 1, "lo is down in {id}: {r}");
+        assert_eq!(lines[2], "lo", "{id} has more than lo: {r}");
+    }
+    let factory = factory_of(&d).expect("the daemon runs a sandbox factory");
+    assert_eq!(
+        netns_of(&factory.to_string()),
+        host,
+        "the factory left the host's network namespace"
+    );
+    for id in &ids {
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    }
+    d.assert_nothing_left();
+}
+
+#[test]
 fn restart_without_loss() {
     if !root() {
         return;
