@@ -566,8 +566,8 @@ fn each_sandbox_has_a_network_namespace_of_its_own_with_only_lo_up() {
             .into_owned()
     };
     let host = netns_of("self");
-    // The factory keeps spare namespaces ready; every sandbox gets one of
-    // its own, never the host's or another sandbox's.
+    // Every sandbox gets a network namespace of its own, never the host's
+    // or another sandbox's (nor the one its factory runs in).
     let ids: Vec<String> = (0..4).map(|_| d.create(json!({}))).collect();
     let mut seen = vec![host.clone()];
     for id in &ids {
@@ -592,7 +592,7 @@ fn each_sandbox_has_a_network_namespace_of_its_own_with_only_lo_up() {
     assert_eq!(
         netns_of(&factory.to_string()),
         host,
-        "the factory left the host's network namespace"
+        "the sandbox factory is not in the host's network namespace"
     );
     for id in &ids {
         d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);

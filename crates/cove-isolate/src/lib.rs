@@ -198,16 +198,6 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 /// any runtime, or from a dedicated helper process): the sandbox's PID 1 is
 /// a fork of the caller.
 pub fn create(config: &SandboxConfig, layout: &Layout) -> Result<Sandbox, Error> {
-    create_in(config, layout, None)
-}
-
-/// [`create`], with the sandbox in the network namespace `netns` (a spare
-/// from [`network::NetnsPool`]) instead of a new one.
-pub fn create_in(
-    config: &SandboxConfig,
-    layout: &Layout,
-    netns: Option<OwnedFd>,
-) -> Result<Sandbox, Error> {
     if !valid_id(&config.id) {
         return Err(Error::Config(format!(
             "sandbox ID {:?} must be 1-64 lowercase letters, digits or '-'",
@@ -290,13 +280,13 @@ pub fn create_in(
     // Born in its v2 cgroup where there is one (no migration needed).
     let v2_dir = cgroup.v2_dir().map(Path::to_path_buf);
     let v2_fd = v2_dir.as_deref().and_then(|dir| open_dir(dir).ok());
-    let flags = match netns {
-        Some(_) => namespaces::CLONE_FLAGS & !libc::CLONE_NEWNET,
-        None => namespaces::CLONE_FLAGS,
-    };
     // SAFETY: documented precondition of `create`: the caller is single-threaded.
-    let forked =
-        unsafe { namespaces::clone_into_namespaces(flags, v2_fd.as_ref().map(|fd| fd.as_fd())) };
+    let forked = unsafe {
+        namespaces::clone_into_namespaces(
+            namespaces::CLONE_FLAGS,
+            v2_fd.as_ref().map(|fd| fd.as_fd()),
+        )
+    };
     drop(v2_fd);
     let pid = match forked {
         Err(errno) => return Err(fail(Error::Clone(errno))),
@@ -304,13 +294,6 @@ pub fn create_in(
             drop(host_end);
             drop(status_read);
             let joined = if in_cgroup { v2_dir.as_deref() } else { None };
-            if let Some(Err(err)) = netns.as_ref().map(network::enter) {
-                let _ = nix::unistd::write(&status_write, format!("E{err}").as_bytes());
-                // SAFETY: _exit, not exit: this copy of the process must
-                // not run the parent's exit handlers (as below).
-                unsafe { libc::_exit(1) }
-            }
-            drop(netns);
             let code = sandbox_main(
                 config,
                 &cgroup,
@@ -326,7 +309,6 @@ pub fn create_in(
         }
         Ok(namespaces::Forked::Parent(pid)) => pid,
     };
-    drop(netns);
     drop(sandbox_end);
     drop(listener);
     drop(status_write);

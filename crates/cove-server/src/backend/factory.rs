@@ -30,12 +30,7 @@ use std::process::{Child, Command, Stdio};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
-use cove_isolate::network::NetnsPool;
-
 use super::namespace::create_from;
-
-/// Network namespaces the factory keeps ready (see [`NetnsPool`]).
-const SPARE_NETNS: usize = 2;
 
 /// `cove __sandbox-factory`: serve creation requests on fd 0 (a Unix
 /// socket to the daemon) until it closes. Called from `main` before any
@@ -44,14 +39,6 @@ pub fn factory_main() -> i32 {
     // Creators exit on their own; nobody waits for them.
     // SAFETY: setting a signal disposition in a single-threaded process.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
-    let mut netns = NetnsPool::default();
-    let fill = |pool: &mut NetnsPool| {
-        if let Err(err) = pool.fill(SPARE_NETNS) {
-            // Not fatal: sandboxes then get a new namespace as they start.
-            eprintln!("cove sandbox factory: no spare network namespace: {err}");
-        }
-    };
-    fill(&mut netns);
     loop {
         let fd = match receive_fd(0) {
             Ok(Some(fd)) => fd,
@@ -62,7 +49,6 @@ pub fn factory_main() -> i32 {
                 return 1;
             }
         };
-        let spare = netns.take();
         // SAFETY: this process is single-threaded, so the child may do
         // anything; it leaves with `exit`.
         match unsafe { nix::unistd::fork() } {
@@ -74,15 +60,9 @@ pub fn factory_main() -> i32 {
                     libc::signal(libc::SIGCHLD, libc::SIG_DFL);
                     libc::close(0);
                 }
-                drop(netns);
-                std::process::exit(serve(UnixStream::from(fd), spare));
+                std::process::exit(serve(UnixStream::from(fd)));
             }
-            Ok(nix::unistd::ForkResult::Parent { .. }) => {
-                drop(fd);
-                drop(spare);
-                // While the creator works: the next sandbox's namespace.
-                fill(&mut netns);
-            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => drop(fd),
             Err(err) => {
                 let reply = serde_json::json!({
                     "error": format!("cannot fork a sandbox creator: {err}")
@@ -94,10 +74,10 @@ pub fn factory_main() -> i32 {
 }
 
 /// One creator: the configuration in, the reply out.
-fn serve(mut stream: UnixStream, netns: Option<OwnedFd>) -> i32 {
+fn serve(mut stream: UnixStream) -> i32 {
     let mut input = Vec::new();
     let (reply, code) = match stream.read_to_end(&mut input) {
-        Ok(_) => create_from(&input, netns),
+        Ok(_) => create_from(&input),
         Err(err) => (
             serde_json::json!({ "error": format!("reading the configuration: {err}") }),
             1,

@@ -27,7 +27,7 @@ use crate::engine;
 pub fn helper_main() -> i32 {
     let mut input = Vec::new();
     let (reply, code) = match std::io::Read::read_to_end(&mut std::io::stdin(), &mut input) {
-        Ok(_) => create_from(&input, None),
+        Ok(_) => create_from(&input),
         Err(err) => (
             serde_json::json!({ "error": format!("reading the configuration: {err}") }),
             1,
@@ -39,10 +39,7 @@ pub fn helper_main() -> i32 {
 
 /// Create the sandbox a JSON [`SandboxConfig`] describes, in this
 /// (single-threaded) process: the reply for the daemon and an exit code.
-pub(crate) fn create_from(
-    input: &[u8],
-    netns: Option<std::os::fd::OwnedFd>,
-) -> (serde_json::Value, i32) {
+pub(crate) fn create_from(input: &[u8]) -> (serde_json::Value, i32) {
     let config: SandboxConfig = match serde_json::from_slice(input) {
         Ok(c) => c,
         Err(err) => {
@@ -52,7 +49,7 @@ pub(crate) fn create_from(
             );
         }
     };
-    match cove_isolate::create_in(&config, &Layout::detect(), netns) {
+    match cove_isolate::create(&config, &Layout::detect()) {
         Ok(sandbox) => (serde_json::json!({ "record": sandbox.record() }), 0),
         Err(err) => (serde_json::json!({ "error": err.to_string() }), 1),
     }
