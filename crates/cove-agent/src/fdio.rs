@@ -4,7 +4,6 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use bytes::BytesMut;
-use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use tokio::io::unix::AsyncFd;
 
@@ -37,26 +36,10 @@ pub fn set_flags(fd: &OwnedFd, nonblocking: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Read what is available, waiting until something is. `Ok(0)` is end of
-/// file; a PTY master whose terminal has no more writers reports `EIO`,
-/// which is end of file too.
-pub async fn read(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        let mut guard = fd.readable().await?;
-        match guard.try_io(|inner| match nix::unistd::read(inner.get_ref(), buf) {
-            Ok(n) => Ok(n),
-            Err(Errno::EIO) => Ok(0),
-            Err(e) => Err(std::io::Error::from(e)),
-        }) {
-            Ok(result) => return result,
-            Err(_would_block) => continue,
-        }
-    }
-}
-
 /// Read what is available, at most `max` bytes (and at most what `buf`
 /// has room for), into `buf`'s spare capacity, waiting until something
-/// is; returns as [`read`] does.
+/// is. `Ok(0)` is end of file; a PTY master whose terminal has no more
+/// writers reports `EIO`, which is end of file too.
 pub async fn read_buf(
     fd: &AsyncFd<OwnedFd>,
     buf: &mut BytesMut,

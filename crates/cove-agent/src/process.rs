@@ -736,11 +736,12 @@ async fn pump(proc: Rc<Proc>, stream: Stream, fd: OwnedFd) {
 
 /// Swallow a pipe's remaining output until its last writer closes it.
 async fn drain(fd: AsyncFd<OwnedFd>) {
-    let mut buf = vec![0u8; MAX_CHUNK];
-    while let Ok(n) = fdio::read(&fd, &mut buf).await {
+    let mut buf = BytesMut::with_capacity(MAX_CHUNK);
+    while let Ok(n) = fdio::read_buf(&fd, &mut buf, MAX_CHUNK).await {
         if n == 0 {
             break;
         }
+        buf.clear();
     }
 }
 
