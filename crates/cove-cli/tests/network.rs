@@ -992,6 +992,8 @@ fn a_microvm_gets_egress_under_the_same_policy() {
     let mut d = lab.daemon_with_env(vec![
         ("COVE_VM_AGENT".into(), agent),
         ("COVE_VM_CACHE".into(), cache.display().to_string()),
+        // Each DNS answer and its time, for a failure to show.
+        ("COVE_LOG".into(), "info,cove_net=debug".into()),
     ]);
     d.build_template("busybox");
 
@@ -1019,9 +1021,28 @@ fn a_microvm_gets_egress_under_the_same_policy() {
     // busybox's own resolver (its wget uses static glibc's, which needs
     // NSS modules a busybox root does not have).
     let lookup = |d: &Daemon, name: &str| d.sh(&id, &format!("nslookup {name}"));
-    let r = lookup(&d, "good.test");
-    assert_eq!(r["exit_code"], 0, "{r}");
-    assert!(r["stdout"].as_str().unwrap().contains(&lab.good()), "{r}");
+    // nslookup gives up after 5 s of its own clock; a TCG guest on a CI
+    // host busy with other tests has twice missed its A answer in that
+    // time (the daemon's debug log shows each answer and how long it
+    // took), so an allowed name gets three tries.
+    let mut tries = Vec::new();
+    while tries.len() < 3 {
+        let r = lookup(&d, "good.test");
+        let found = r["exit_code"] == 0 && r["stdout"].as_str().unwrap().contains(&lab.good());
+        tries.push(r);
+        if found {
+            break;
+        }
+        eprintln!(
+            "nslookup good.test without its address: {}",
+            tries.last().unwrap()
+        );
+    }
+    let r = tries.last().unwrap();
+    assert!(
+        r["stdout"].as_str().unwrap().contains(&lab.good()),
+        "{tries:?}"
+    );
     let r = wget(&d, &lab.good());
     assert_eq!(r["exit_code"], 0, "{r}");
     assert_eq!(

@@ -30,6 +30,8 @@ use crate::Shared;
 
 /// How long one upstream server gets to answer.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a UDP query may take to answer before it is dropped.
+const UDP_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queries answered at once; more are dropped (the client retries).
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -69,7 +71,13 @@ pub(crate) async fn serve(addr: Ipv4Addr, shared: Arc<Shared>) -> io::Result<Dns
                 };
                 let (shared, udp, query) = (shared.clone(), udp.clone(), buf[..n].to_vec());
                 tokio::spawn(async move {
-                    if let Some(reply) = answer(&shared, *from.ip(), &query, false).await {
+                    // A client has given up long before; a stuck `nft`
+                    // must not hold a permit for ever.
+                    let answered = tokio::time::timeout(
+                        UDP_ANSWER_TIMEOUT,
+                        answer(&shared, *from.ip(), &query, false),
+                    );
+                    if let Ok(Some(reply)) = answered.await {
                         let _ = udp.send_to(&reply, from).await;
                     }
                     drop(permit);
@@ -155,6 +163,7 @@ async fn answer(shared: &Shared, client: Ipv4Addr, query: &[u8], tcp: bool) -> O
     if question.qtype == QTYPE::TYPE(TYPE::AAAA) {
         return reply(&packet, RCODE::NoError);
     }
+    let started = std::time::Instant::now();
     let response = match forward(&shared.upstream, query, tcp).await {
         Ok(response) => response,
         Err(err) => {
@@ -174,6 +183,12 @@ async fn answer(shared: &Shared, client: Ipv4Addr, query: &[u8], tcp: bool) -> O
             return reply(&packet, RCODE::ServerFailure);
         }
     }
+    tracing::debug!(
+        id = %sandbox.id,
+        %name,
+        ms = started.elapsed().as_millis() as u64,
+        "DNS query answered"
+    );
     Some(response)
 }
 
