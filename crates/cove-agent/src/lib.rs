@@ -16,6 +16,7 @@ mod conn;
 mod fdio;
 mod files;
 mod output_log;
+mod port_relay;
 mod process;
 pub mod spawn;
 pub mod users;

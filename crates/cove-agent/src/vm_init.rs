@@ -85,15 +85,34 @@ pub struct VmInitConfig {
     /// The sandbox's network; `None` = loopback only.
     #[serde(default)]
     pub network: Option<GuestNetwork>,
+    /// The vsock port where the agent relays the host's connections to
+    /// TCP ports in the guest (published ports, [`cove_protocol::relay`]);
+    /// `None` = no relay.
+    #[serde(default)]
+    pub relay_port: Option<u32>,
+}
+
+/// The vsock ports the agent answers on and calls, from [`VmInitConfig`].
+struct Vsock {
+    agent: u32,
+    ready: Option<u32>,
+    relay: Option<u32>,
+    /// The guest's address, which the relay tries after its loopback.
+    address: Option<std::net::Ipv4Addr>,
 }
 
 /// Run as PID 1 of a microVM. Never returns.
 pub fn main() -> ! {
     match prepare() {
-        Ok((config, (port, ready_port))) => {
+        Ok((config, vsock)) => {
             let code = crate::run_incoming(config, move || {
-                let incoming = listen(port)?;
-                if let Some(ready) = ready_port {
+                let incoming = listen(vsock.agent)?;
+                if let Some(port) = vsock.relay {
+                    // Listening before the host hears "ready": a published
+                    // port works from the sandbox's first moment.
+                    crate::port_relay::serve(listen(port)?, vsock.address);
+                }
+                if let Some(ready) = vsock.ready {
                     tell_host_ready(ready);
                 }
                 Ok(incoming)
@@ -117,7 +136,7 @@ fn power_off() -> ! {
     std::process::exit(1)
 }
 
-fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
+fn prepare() -> Result<(AgentConfig, Vsock), String> {
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
     mount_fs("proc", "/proc", "proc", nodev_nosuid_noexec(), None)?;
     mount_fs("sysfs", "/sys", "sysfs", nodev_nosuid_noexec(), None)?;
@@ -222,7 +241,13 @@ fn prepare() -> Result<(AgentConfig, (u32, Option<u32>)), String> {
         root: "/".into(),
         writable_layer: Some(upper),
     };
-    Ok((config, (vm.vsock_port, vm.ready_port)))
+    let vsock = Vsock {
+        agent: vm.vsock_port,
+        ready: vm.ready_port,
+        relay: vm.relay_port,
+        address: vm.network.as_ref().map(|net| net.address),
+    };
+    Ok((config, vsock))
 }
 
 fn nodev_nosuid_noexec() -> MsFlags {
@@ -656,6 +681,7 @@ mod tests {
                 gateway: std::net::Ipv4Addr::new(10, 88, 0, 1),
                 nameserver: std::net::Ipv4Addr::new(10, 88, 0, 1),
             }),
+            relay_port: Some(1026),
         };
         let text = serde_json::to_string(&config).unwrap_or_default();
         let back: Result<VmInitConfig, _> = serde_json::from_str(&text);

@@ -477,14 +477,53 @@ fn exec_suite_on_microvm() {
     exec_suite(VM);
 }
 
+/// `GET /` on the host's published `port`; `None` when it fails.
+fn get_published(port: u64) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// [`get_published`], retried while the server in the sandbox starts.
+fn fetch_published(port: u64) -> Option<String> {
+    for _ in 0..50 {
+        if let Some(page) = get_published(port) {
+            return Some(page);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
 /// A daemon restart (even while paused) loses nothing; delete leaves nothing.
+/// A published port (no egress, a server on the sandbox's localhost only)
+/// works before and after the restart.
 fn restart_suite(backend: &str) {
     let Some(mut d) = daemon(backend) else { return };
-    let id = d.create(json!({"backend": backend}));
+    let id = d.create(json!({"backend": backend, "network": {"exposed_ports": [8000]}}));
+    let (_, sandbox) = d.call("GET", &path(&id, ""), None);
+    let host_port = sandbox["network"]["ports"][0]["host_port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no published port: {sandbox}"));
+    // Nothing listens yet: the client is turned away, the daemon is fine.
+    assert_eq!(get_published(host_port), None);
+    let r = d.sh(
+        &id,
+        "mkdir -p /tmp/www && echo published > /tmp/www/index.html && \
+         busybox httpd -p 127.0.0.1:8000 -h /tmp/www",
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(fetch_published(host_port).as_deref(), Some("published\n"));
     d.sh(&id, "echo before > /tmp/f");
     d.kill();
     d.spawn();
     assert_eq!(d.sh(&id, "cat /tmp/f")["stdout"], "before\n");
+    assert_eq!(fetch_published(host_port).as_deref(), Some("published\n"));
 
     // Restart while paused: still paused after, and resumes.
     let (s, _) = d.call("POST", &path(&id, "/pause"), None);
@@ -501,6 +540,11 @@ fn restart_suite(backend: &str) {
     assert_eq!(s, 204);
     let (_, r) = d.call("GET", &path(&id, ""), None);
     assert_eq!(r["state"], "stopped");
+    assert_eq!(
+        get_published(host_port),
+        None,
+        "the port closes with the sandbox"
+    );
     assert_nothing_left(&d);
 }
 

@@ -39,6 +39,8 @@ pub mod policy;
 pub mod pool;
 pub mod ports;
 
+pub use ports::{Duplex, PortRelay};
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -525,9 +527,15 @@ impl Network {
         })
     }
 
-    /// Wire a created sandbox whose network namespace is `netns`. On
-    /// failure everything done so far is undone.
-    pub async fn attach(&self, mut prepared: Prepared, netns: OwnedFd) -> Result<(), NetError> {
+    /// Wire a created sandbox whose network namespace is `netns`; its
+    /// published ports go through `relay` when it has one (a microVM),
+    /// into `netns` otherwise. On failure everything done so far is undone.
+    pub async fn attach(
+        &self,
+        mut prepared: Prepared,
+        netns: OwnedFd,
+        relay: Option<Arc<dyn PortRelay>>,
+    ) -> Result<(), NetError> {
         if !prepared.needs_attach() {
             return Ok(());
         }
@@ -544,7 +552,7 @@ impl Network {
         }
         // From here the address belongs to the attached sandbox.
         prepared.stored.address = None;
-        let upstream = upstream(&stored, &netns);
+        let upstream = upstream(&stored, &netns, relay);
         let port_tasks = std::mem::take(&mut prepared.listeners)
             .into_iter()
             .map(|(mapping, listener)| ports::serve(listener, upstream.clone(), mapping.port))
@@ -801,8 +809,14 @@ impl Network {
 
     /// Adopt the network of a sandbox found running after a restart: keep
     /// its veth and rules (re-create what is missing), serve its DNS and
-    /// published ports again.
-    pub async fn recover(&self, id: &str, stored: Stored, netns: OwnedFd) -> Result<(), NetError> {
+    /// published ports again (`netns` and `relay` as for [`Network::attach`]).
+    pub async fn recover(
+        &self,
+        id: &str,
+        stored: Stored,
+        netns: OwnedFd,
+        relay: Option<Arc<dyn PortRelay>>,
+    ) -> Result<(), NetError> {
         if stored.mode == NetworkMode::None && stored.ports.is_empty() {
             return Ok(());
         }
@@ -837,7 +851,7 @@ impl Network {
             }
         }
         let mut port_tasks = Vec::new();
-        let upstream = upstream(&stored, &netns);
+        let upstream = upstream(&stored, &netns, relay);
         for mapping in &stored.ports {
             match ports::bind(mapping.host_port).await {
                 Ok(listener) => {
@@ -920,12 +934,16 @@ impl Network {
     }
 }
 
-/// Where a sandbox's published ports lead: into its namespace, or to its
-/// guest's address when it is a microVM bridged to a tap.
-fn upstream(stored: &Stored, netns: &Arc<OwnedFd>) -> ports::Upstream {
-    match (&stored.guest_link, stored.address) {
-        (Some(_), Some(address)) => ports::Upstream::Guest(address),
-        _ => ports::Upstream::Namespace {
+/// Where a sandbox's published ports lead: through its relay when it has
+/// one (a microVM), into its namespace otherwise.
+fn upstream(
+    stored: &Stored,
+    netns: &Arc<OwnedFd>,
+    relay: Option<Arc<dyn PortRelay>>,
+) -> ports::Upstream {
+    match relay {
+        Some(relay) => ports::Upstream::Relay(relay),
+        None => ports::Upstream::Namespace {
             netns: netns.clone(),
             address: stored.address,
         },
@@ -948,8 +966,20 @@ fn enable_forwarding() -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct NoRelay;
+
+    impl PortRelay for NoRelay {
+        fn connect(
+            &self,
+            _port: u16,
+        ) -> futures::future::BoxFuture<'_, std::io::Result<Box<dyn ports::Duplex>>> {
+            Box::pin(async { Err(std::io::ErrorKind::ConnectionRefused.into()) })
+        }
+    }
+
     #[test]
-    fn published_ports_lead_into_the_namespace_or_to_a_guest() {
+    fn published_ports_lead_into_the_namespace_or_through_a_relay() {
         let netns = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
         let address = Some(Ipv4Addr::new(10, 88, 0, 2));
         let namespace = Stored {
@@ -957,17 +987,22 @@ mod tests {
             ..Stored::default()
         };
         assert!(matches!(
-            upstream(&namespace, &netns),
+            upstream(&namespace, &netns, None),
             ports::Upstream::Namespace { address: a, .. } if a == address
         ));
+        // A guest behind a tap, with or without an address: its relay.
         let guest = Stored {
             address,
             guest_link: Some("tap0".into()),
             ..Stored::default()
         };
         assert!(matches!(
-            upstream(&guest, &netns),
-            ports::Upstream::Guest(a) if Some(a) == address
+            upstream(&guest, &netns, Some(Arc::new(NoRelay))),
+            ports::Upstream::Relay(_)
+        ));
+        assert!(matches!(
+            upstream(&Stored::default(), &netns, Some(Arc::new(NoRelay))),
+            ports::Upstream::Relay(_)
         ));
     }
 

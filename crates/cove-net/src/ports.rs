@@ -2,11 +2,14 @@
 //! port, and a userspace proxy that forwards each connection into the
 //! sandbox.
 //!
-//! The proxy's outgoing socket is created inside the sandbox's network
-//! namespace, so it reaches the port on the sandbox's own loopback: a dev
-//! server that listens on `localhost` only is published too, and it works
-//! for sandboxes without egress (`network: "none"`) as well. It tries
-//! 127.0.0.1, then ::1, then the sandbox's bridge address.
+//! For a namespace sandbox the proxy's outgoing socket is created inside
+//! the sandbox's network namespace, so it reaches the port on the
+//! sandbox's own loopback: a dev server that listens on `localhost` only is
+//! published too, and it works for sandboxes without egress (`network:
+//! "none"`) as well. It tries 127.0.0.1, then ::1, then the sandbox's
+//! bridge address. A microVM's loopback is in its guest kernel: there a
+//! [`PortRelay`] (the guest's agent, over vsock) makes the same tries from
+//! inside the guest.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -14,6 +17,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -41,6 +46,19 @@ pub async fn bind(host_port: u16) -> io::Result<TcpListener> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, host_port)).await
 }
 
+/// A byte stream both ways: what a [`PortRelay`] connects to.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// Connects to TCP ports inside a sandbox that the host has no socket
+/// path to (a microVM's guest).
+pub trait PortRelay: Send + Sync + std::fmt::Debug {
+    /// A stream to `port` inside the sandbox; nothing listening there is
+    /// [`io::ErrorKind::ConnectionRefused`].
+    fn connect(&self, port: u16) -> BoxFuture<'_, io::Result<Box<dyn Duplex>>>;
+}
+
 /// Where the connections to a published port go.
 #[derive(Clone, Debug)]
 pub enum Upstream {
@@ -50,9 +68,8 @@ pub enum Upstream {
         netns: Arc<OwnedFd>,
         address: Option<Ipv4Addr>,
     },
-    /// A microVM: its guest's address on the sandbox bridge, connected
-    /// from the host's namespace.
-    Guest(Ipv4Addr),
+    /// A sandbox reached through a relay (a microVM's agent).
+    Relay(Arc<dyn PortRelay>),
 }
 
 /// Forward every connection to `listener` into `port` of the sandbox
@@ -77,19 +94,23 @@ pub fn serve(listener: TcpListener, upstream: Upstream, port: u16) -> JoinHandle
     })
 }
 
-async fn proxy(mut client: TcpStream, mut upstream: TcpStream) {
+async fn proxy(mut client: TcpStream, mut upstream: Box<dyn Duplex>) {
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
 /// A connection to `port` in the sandbox.
-async fn connect(upstream: &Upstream, port: u16) -> io::Result<TcpStream> {
+async fn connect(upstream: &Upstream, port: u16) -> io::Result<Box<dyn Duplex>> {
     let (netns, address) = match upstream {
         Upstream::Namespace { netns, address } => (netns, *address),
-        Upstream::Guest(address) => {
-            let target = SocketAddr::from((*address, port));
-            return within(target, TcpStream::connect(target)).await;
+        Upstream::Relay(relay) => {
+            let reached = tokio::time::timeout(CONNECT_TIMEOUT, relay.connect(port)).await;
+            return reached.unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("port {port}: the relay does not answer"),
+                ))
+            });
         }
     };
     let mut targets: Vec<SocketAddr> = vec![
@@ -107,7 +128,10 @@ async fn connect(upstream: &Upstream, port: u16) -> io::Result<TcpStream> {
             }
         };
         match within(target, socket.connect(target)).await {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(Box::new(stream));
+            }
             Err(e) => last = e,
         }
     }

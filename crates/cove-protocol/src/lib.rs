@@ -29,6 +29,7 @@
 pub mod client;
 mod codec;
 pub mod fs;
+pub mod relay;
 
 pub use codec::{
     DecodeError, FrameCodec, FromAgent, HostCodec, MAX_FRAME_LEN, decode_frame, encode_frame,

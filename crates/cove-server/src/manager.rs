@@ -447,17 +447,6 @@ impl Manager {
                      use the namespace backend for a server the host reaches"
                 )));
             }
-            (_, true)
-                if !req.network.exposed_ports.is_empty()
-                    && backend.guest_link().is_some()
-                    && req.network.effective_mode() == cove_api::NetworkMode::None =>
-            {
-                return Err(ApiError::invalid(format!(
-                    "a {backend_name} sandbox's exposed_ports are reached over its network device, \
-                     which it gets with network egress: add \"mode\": \"egress\" to \"network\" \
-                     (allow_out and deny_out still limit what it reaches), or use the namespace backend"
-                )));
-            }
             (None, true) => {
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,
@@ -770,7 +759,8 @@ impl Manager {
             return Ok(());
         }
         let netns = instance.network_namespace().map_err(backend_error)?;
-        network.attach(prepared, netns).await.map_err(|err| {
+        let relay = instance.port_relay();
+        network.attach(prepared, netns, relay).await.map_err(|err| {
             tracing::warn!(%id, %err, "wiring the sandbox's network failed");
             net_error(err)
         })
@@ -1429,7 +1419,10 @@ impl Manager {
                     if let Some(network) = &self.inner.config.network {
                         let stored = stored_network(&row);
                         let recovered = match instance.network_namespace() {
-                            Ok(netns) => network.recover(&row.id, stored, netns).await,
+                            Ok(netns) => {
+                                let relay = instance.port_relay();
+                                network.recover(&row.id, stored, netns, relay).await
+                            }
                             // A sandbox without network on a backend without one.
                             Err(_) if stored == cove_net::Stored::default() => Ok(()),
                             Err(err) => Err(cove_net::NetError::Host(err.to_string())),

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use accel::{Accel, AccelChoice};
 pub use image::{GuestImage, ensure_guest_image, ensure_rootfs_image, ensure_rootfs_image_of};
 pub use proc::ProcessId;
-pub use transport::{AGENT_PORT, AgentStream, Transport, TransportRecord};
+pub use transport::{AGENT_PORT, AgentStream, RELAY_PORT, Transport, TransportRecord};
 pub use vmm::{VmmChoice, VmmKind};
 
 /// Progress of a long operation: (done, total, what is happening).
@@ -527,6 +527,7 @@ fn launch(image: &GuestImage, config: &VmConfig) -> Result<Launch, VmError> {
         overlay_size_mib: config.overlay_size_mib,
         pids_max: config.pids,
         network: config.network.clone(),
+        relay_port: Some(RELAY_PORT),
     };
     image::write_vm_initramfs(image, &init, &initramfs)?;
 

@@ -22,6 +22,10 @@ pub type AgentStream = UnixStream;
 
 /// The guest's vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
+/// The guest's vsock port where the agent relays connections to TCP ports
+/// inside the guest ([`cove_protocol::relay`]). (The host's port 1025,
+/// where the guest says it is ready, is another namespace of ports.)
+pub const RELAY_PORT: u32 = 1026;
 
 /// Opens new connections to the agent of one VM.
 pub trait Transport: Send + Sync + fmt::Debug {
@@ -43,6 +47,38 @@ impl TransportRecord {
                 uds: uds.clone(),
                 port: *port,
             }),
+        }
+    }
+}
+
+impl TransportRecord {
+    /// A stream to TCP `port` inside the guest (its loopback first),
+    /// relayed by the guest's agent. Nothing listening there is
+    /// [`std::io::ErrorKind::ConnectionRefused`].
+    pub async fn connect_tcp(&self, port: u16) -> std::io::Result<AgentStream> {
+        let TransportRecord::HybridVsock { uds, .. } = self;
+        let mut stream = hybrid_connect(uds, RELAY_PORT)
+            .await
+            .map_err(std::io::Error::other)?;
+        stream
+            .write_all(&cove_protocol::relay::request(port))
+            .await?;
+        let mut status = [0u8; 1];
+        stream.read_exact(&mut status).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("the guest's port relay hung up before answering: {e}"),
+            )
+        })?;
+        match status[0] {
+            cove_protocol::relay::CONNECTED => Ok(stream),
+            cove_protocol::relay::REFUSED => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("nothing listens on port {port} in the guest"),
+            )),
+            _ => Err(std::io::Error::other(format!(
+                "the guest cannot connect to its port {port}"
+            ))),
         }
     }
 }
@@ -121,6 +157,47 @@ mod tests {
             "bytes after the handshake are the stream's"
         );
         server.await??;
+        Ok(())
+    }
+
+    /// The host's side of the port relay: the port asked for, then the
+    /// guest's status byte.
+    #[tokio::test]
+    async fn asks_the_relay_for_a_port() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let uds = dir.path().join("v.sock");
+        let listener = tokio::net::UnixListener::bind(&uds)?;
+        tokio::spawn(async move {
+            for status in [
+                cove_protocol::relay::CONNECTED,
+                cove_protocol::relay::REFUSED,
+            ] {
+                let (mut s, _) = listener.accept().await?;
+                let mut connect = [0u8; 13];
+                s.read_exact(&mut connect).await?;
+                assert_eq!(&connect, b"CONNECT 1026\n");
+                s.write_all(b"OK 5001\n").await?;
+                let mut port = [0u8; 2];
+                s.read_exact(&mut port).await?;
+                assert_eq!(u16::from_be_bytes(port), 8000);
+                s.write_all(&[status]).await?;
+                s.write_all(b"page").await?;
+            }
+            std::io::Result::Ok(())
+        });
+        let record = TransportRecord::HybridVsock {
+            uds,
+            port: AGENT_PORT,
+        };
+        let mut stream = record.connect_tcp(8000).await?;
+        let mut page = [0u8; 4];
+        stream.read_exact(&mut page).await?;
+        assert_eq!(&page, b"page");
+        let refused = record.connect_tcp(8000).await.map(|_| ());
+        assert_eq!(
+            refused.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused)
+        );
         Ok(())
     }
 

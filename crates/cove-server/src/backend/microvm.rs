@@ -264,8 +264,8 @@ impl Backend for MicrovmBackend {
         true
     }
 
-    /// Reached over the guest's network device: a microVM publishes
-    /// ports only with network egress (see `guest_link`).
+    /// Relayed by the guest's agent over vsock ([`GuestPorts`]), with or
+    /// without a network device.
     fn supports_published_ports(&self) -> bool {
         true
     }
@@ -353,6 +353,24 @@ impl Backend for MicrovmBackend {
     }
 }
 
+/// A microVM's published ports: each connection is relayed by its agent
+/// over vsock to the port in the guest (loopback first), so neither a
+/// network device nor a server on the guest's address is needed.
+#[derive(Debug)]
+struct GuestPorts(cove_vm::TransportRecord);
+
+impl cove_net::PortRelay for GuestPorts {
+    fn connect(
+        &self,
+        port: u16,
+    ) -> futures::future::BoxFuture<'_, std::io::Result<Box<dyn cove_net::Duplex>>> {
+        Box::pin(async move {
+            let stream = self.0.connect_tcp(port).await?;
+            Ok(Box::new(stream) as Box<dyn cove_net::Duplex>)
+        })
+    }
+}
+
 struct MicrovmInstance {
     record: VmRecord,
     /// `None` once destroyed. Async lock: `connect` holds it across the
@@ -371,6 +389,10 @@ impl Instance for MicrovmInstance {
 
     fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
         self.record.network_namespace().map_err(vm_error)
+    }
+
+    fn port_relay(&self) -> Option<Arc<dyn cove_net::PortRelay>> {
+        Some(Arc::new(GuestPorts(self.record.transport.clone())))
     }
 
     async fn connect(&self) -> Result<AgentStream, BackendError> {

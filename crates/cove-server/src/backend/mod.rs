@@ -111,6 +111,12 @@ pub trait Instance: Send + Sync + 'static {
     async fn exited(&self) -> String;
     /// Memory in use, in bytes.
     fn memory_usage(&self) -> Option<u64>;
+    /// How the host reaches the sandbox's own TCP ports when its network
+    /// namespace does not hold them (a microVM's guest kernel does);
+    /// `None`: published ports connect inside [`Instance::network_namespace`].
+    fn port_relay(&self) -> Option<std::sync::Arc<dyn cove_net::PortRelay>> {
+        None
+    }
     /// The sandbox's network namespace, for cove-net to wire it (a veth,
     /// published ports). Backends without one refuse networking.
     fn network_namespace(&self) -> Result<std::os::fd::OwnedFd, BackendError> {
