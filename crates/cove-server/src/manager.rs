@@ -686,14 +686,26 @@ impl Manager {
         let created = backend.create(spec).await;
         let result = match created {
             Ok(instance) => match self.attach_network(&id, instance.as_ref(), prepared).await {
-                Ok(()) => match connect(instance.as_ref()).await {
-                    Ok(agent) => Ok((instance, agent)),
-                    Err(err) => {
-                        let _ = instance.destroy().await;
-                        self.detach_network(&id).await;
-                        Err(err)
+                Ok(()) => {
+                    // The database learns that the sandbox runs while its
+                    // agent says hello; nobody sees it running before both
+                    // succeed (never a running sandbox the database does
+                    // not know of). A failure overwrites the row below.
+                    let record = instance.record().to_string();
+                    let running = SandboxState::Running.as_str();
+                    let (agent, recorded) = tokio::join!(
+                        connect(instance.as_ref()),
+                        self.inner.store.set_state(&id, running, None, Some(record)),
+                    );
+                    match agent.and_then(|agent| recorded.map(|()| agent).map_err(ApiError::from)) {
+                        Ok(agent) => Ok((instance, agent)),
+                        Err(err) => {
+                            let _ = instance.destroy().await;
+                            self.detach_network(&id).await;
+                            Err(err)
+                        }
                     }
-                },
+                }
                 Err(err) => {
                     let _ = instance.destroy().await;
                     Err(err)
@@ -703,20 +715,6 @@ impl Manager {
         };
         match result {
             Ok((instance, agent)) => {
-                let record = instance.record().to_string();
-                if let Err(err) = self
-                    .inner
-                    .store
-                    .set_state(&id, SandboxState::Running.as_str(), None, Some(record))
-                    .await
-                {
-                    // Never run a sandbox the database does not know is running.
-                    let _ = instance.destroy().await;
-                    self.detach_network(&id).await;
-                    entry.set(SandboxState::Failed, Some(err.to_string()));
-                    self.forget(&id);
-                    return Err(err.into());
-                }
                 *lock(&entry.instance) = Some(instance.clone());
                 *lock(&entry.agent) = Some(agent);
                 entry.set(SandboxState::Running, None);

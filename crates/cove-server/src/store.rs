@@ -240,8 +240,12 @@ pub fn now_ms() -> i64 {
 impl Store {
     pub async fn insert_sandbox(&self, row: SandboxRow) -> Result<(), StoreError> {
         self.call(move |conn| {
-            conn.execute(
+            // Cached, as are set_state's and get_sandbox's: all three are
+            // on every create's path.
+            conn.prepare_cached(
                 &format!("INSERT INTO sandboxes ({SANDBOX_COLUMNS}, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+            )?
+            .execute(
                 params![
                     row.id, row.owner, row.state, row.reason, row.template, row.backend, row.spec, row.record,
                     row.labels, row.metadata, row.created_at, row.started_at, row.stopped_at, row.expires_at, now_ms()
@@ -263,14 +267,14 @@ impl Store {
         let (id, state) = (id.to_string(), state.to_string());
         self.call(move |conn| {
             let now = now_ms();
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE sandboxes SET state = ?2, reason = COALESCE(?3, reason), record = COALESCE(?4, record),
                     started_at = CASE WHEN ?2 = 'running' AND started_at IS NULL THEN ?5 ELSE started_at END,
                     stopped_at = CASE WHEN ?2 IN ('stopped', 'failed') THEN ?5 ELSE stopped_at END,
                     updated_at = ?5
                  WHERE id = ?1",
-                params![id, state, reason, record, now],
-            )
+            )?
+            .execute(params![id, state, reason, record, now])
             .map(|_| ())
         })
         .await
@@ -302,11 +306,10 @@ impl Store {
     pub async fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
         let id = id.to_string();
         self.call(move |conn| {
-            conn.query_row(
-                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
-                [id],
-                sandbox_from_row,
-            )
+            conn.prepare_cached(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"
+            ))?
+            .query_row([id], sandbox_from_row)
             .optional()
         })
         .await
