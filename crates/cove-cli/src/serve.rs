@@ -34,8 +34,14 @@ pub struct ServeArgs {
     /// (repeatable) [default: the host's /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR")]
     pub dns_upstream: Vec<String>,
+    /// The backend of sandboxes whose request names none, which includes
+    /// every sandbox of the Hyperfleet, GBOX and Declaw dialects:
+    /// namespace or microvm [default: namespace].
+    #[arg(long, env = "COVE_DEFAULT_BACKEND", value_name = "NAME")]
+    pub default_backend: Option<String>,
     /// A TOML file with any of: listen, data_dir, runtime_dir, cgroup_parent,
-    /// network_bridge, network_table, network_pool, dns_upstream.
+    /// network_bridge, network_table, network_pool, dns_upstream,
+    /// default_backend.
     #[arg(long, env = "COVE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -74,6 +80,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             .unwrap_or_else(|| "cove".into()),
         helper,
         network,
+        default_backend: args
+            .default_backend
+            .or(file.default_backend)
+            .unwrap_or_else(|| "namespace".into()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -86,11 +86,16 @@ fn static_agent() -> PathBuf {
 /// A daemon for `backend`, or `None` (after saying why) when this host
 /// cannot run it outside CI.
 fn daemon(backend: &str) -> Option<Daemon> {
+    daemon_with(backend, &[])
+}
+
+/// [`daemon`], with `extra` flags for `cove serve`.
+fn daemon_with(backend: &str, extra: &[String]) -> Option<Daemon> {
     if !root() {
         return None;
     }
     if backend == NS {
-        return Some(Daemon::start());
+        return Some(Daemon::start_with(extra));
     }
     if let Some(why) = missing_vm_tools() {
         assert!(
@@ -103,10 +108,13 @@ fn daemon(backend: &str) -> Option<Daemon> {
     // The kernel and guest image cache is shared by every test (and with
     // cove-vm's tests), so the kernel is fetched and unpacked once.
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cove-vm-cache");
-    let d = Daemon::start_with_env(vec![
-        ("COVE_VM_AGENT".into(), static_agent().display().to_string()),
-        ("COVE_VM_CACHE".into(), cache.display().to_string()),
-    ]);
+    let d = Daemon::start_full(
+        extra,
+        vec![
+            ("COVE_VM_AGENT".into(), static_agent().display().to_string()),
+            ("COVE_VM_CACHE".into(), cache.display().to_string()),
+        ],
+    );
     // The microVM backend's default template (the build also makes the
     // microVM images, from the same agent and cache).
     d.build_template("busybox");
@@ -665,6 +673,86 @@ fn cove_run_on_a_microvm() {
     assert!(!host_has_process_with(
         &d.runtime_dir().join("run-vm").display().to_string()
     ));
+}
+
+/// A daemon whose default backend is the microVM gives the dialects,
+/// whose clients cannot name a backend, microVMs: a Hyperfleet machine
+/// boots as one, runs its commands in the guest and publishes its port.
+/// A default backend that does not exist stops the daemon at start.
+#[test]
+fn the_default_backend_gives_the_dialects_microvms() {
+    if !root() {
+        return;
+    }
+    let dirs = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cove"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--default-backend",
+            "vmware",
+        ])
+        .arg("--data-dir")
+        .arg(dirs.path().join("data"))
+        .arg("--runtime-dir")
+        .arg(dirs.path().join("run"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("default backend \"vmware\" is unknown; choose one of:"),
+        "{stderr}"
+    );
+
+    let flags = ["--default-backend".to_string(), VM.to_string()];
+    let Some(d) = daemon_with(VM, &flags) else {
+        return;
+    };
+    let (_, backends) = d.call("GET", "/v1/backends", None);
+    let default: Vec<&str> = backends["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["default"] == true)
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert_eq!(default, [VM], "{backends}");
+
+    let (s, m) = d.call(
+        "POST",
+        "/machines",
+        Some(
+            json!({"name": "vm-1", "vcpu_count": 1, "mem_size_mib": 256, "exposed_ports": [8080]}),
+        ),
+    );
+    assert_eq!(s, 201, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    let (s, m) = d.call("POST", &format!("/machines/{id}/start"), None);
+    assert_eq!((s, m["status"].as_str()), (200, Some("running")), "{m}");
+    let (_, sandbox) = d.call("GET", &path(&id, ""), None);
+    assert_eq!(sandbox["backend"], VM, "{sandbox}");
+    let (s, r) = d.call(
+        "POST",
+        &format!("/machines/{id}/exec"),
+        Some(json!({"command": ["sh", "-c",
+            "mkdir -p /tmp/w && echo machine > /tmp/w/index.html && httpd -p 127.0.0.1:8080 -h /tmp/w && cat /proc/cmdline"]})),
+    );
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(0)), "{r}");
+    // The guest kernel's command line, which cove wrote.
+    assert!(r["stdout"].as_str().unwrap().contains("--vm-init"), "{r}");
+    let host_port = sandbox["network"]["ports"][0]["host_port"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(fetch_published(host_port).as_deref(), Some("machine\n"));
+
+    // Hyperfleet stops a machine before deleting it.
+    let (s, m) = d.call("POST", &format!("/machines/{id}/stop"), None);
+    assert_eq!(s, 200, "{m}");
+    let (s, _) = d.call("DELETE", &format!("/machines/{id}"), None);
+    assert_eq!(s, 204);
+    assert_nothing_left(&d);
 }
 
 /// A seed platform's dialect on a microVM sandbox: HopX's API is scoped to

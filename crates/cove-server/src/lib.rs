@@ -40,6 +40,9 @@ pub struct ServeConfig {
     /// The bridge, nftables table, address pool and DNS servers of
     /// sandboxes with egress (docs/network.md).
     pub network: cove_net::NetworkConfig,
+    /// The backend of sandboxes whose request names none: those of the
+    /// dialects, whose clients cannot ask (`namespace` or `microvm`).
+    pub default_backend: String,
 }
 
 /// The optional TOML configuration file; every field may be omitted.
@@ -59,6 +62,9 @@ pub struct ConfigFile {
     /// DNS servers the sandboxes' resolver asks (default: the host's
     /// `/etc/resolv.conf`), as `IP` or `IP:PORT`.
     pub dns_upstream: Option<Vec<String>>,
+    /// The backend of sandboxes whose request names none (default
+    /// `namespace`).
+    pub default_backend: Option<String>,
 }
 
 impl ConfigFile {
@@ -160,6 +166,8 @@ impl Server {
             &config.data_dir,
             vm_setup,
         ));
+        let backends: Vec<Arc<dyn backend::Backend>> = vec![namespace, microvm];
+        default_backend_check(&backends, &config.default_backend)?;
         let metrics = Arc::new(metrics::Metrics::new());
         let network = match cove_net::Network::new(config.network.clone()) {
             Ok(network) => Some(network),
@@ -171,10 +179,10 @@ impl Server {
         let manager = manager::Manager::new(
             store,
             templates,
-            vec![namespace, microvm],
+            backends,
             manager::ManagerConfig {
                 cgroup_parent: config.cgroup_parent.clone(),
-                default_backend: "namespace".into(),
+                default_backend: config.default_backend.clone(),
                 network,
             },
             metrics,
@@ -217,6 +225,27 @@ impl Server {
             .await?;
         tracing::info!("stopped serving; sandboxes keep running");
         Ok(())
+    }
+}
+
+/// The default backend must exist and work here: a daemon told to put
+/// every sandbox in a microVM does not quietly fall back to namespaces.
+fn default_backend_check(
+    backends: &[Arc<dyn backend::Backend>],
+    name: &str,
+) -> Result<(), ServeError> {
+    let Some(backend) = backends.iter().find(|b| b.name() == name) else {
+        let known: Vec<&str> = backends.iter().map(|b| b.name()).collect();
+        return Err(ServeError::Config(format!(
+            "default backend {name:?} is unknown; choose one of: {}",
+            known.join(", ")
+        )));
+    };
+    match backend.unavailable() {
+        Some(why) => Err(ServeError::Config(format!(
+            "default backend {name:?} is not available on this host: {why}"
+        ))),
+        None => Ok(()),
     }
 }
 
