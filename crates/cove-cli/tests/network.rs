@@ -977,10 +977,11 @@ fn a_microvm_gets_egress_under_the_same_policy() {
     d.build_template("busybox");
 
     let id = d.create(json!({"backend": "microvm",
-        "network": {"allow_out": ["good.test"], "exposed_ports": [8000]}}));
+        "network": {"allow_out": ["good.test"], "exposed_ports": [8000, 8001]}}));
     let net = network_of(&d, &id);
     assert_eq!(net["mode"], "egress", "{net}");
     let host_port = net["ports"][0]["host_port"].as_u64().unwrap() as u16;
+    let second_port = net["ports"][1]["host_port"].as_u64().unwrap() as u16;
     let address = net["address"].as_str().unwrap().to_string();
     assert!(address.starts_with("10.77."), "{net}");
     // The guest holds the sandbox's address, behind eth0.
@@ -1029,18 +1030,23 @@ fn a_microvm_gets_egress_under_the_same_policy() {
         format!("hello from {}", lab.good())
     );
     // A server on the guest's localhost only, on its published port: the
-    // guest's agent relays each connection to it over vsock.
+    // guest's address refuses, and the guest's agent relays each
+    // connection over vsock. One on every address (8001) is reached over
+    // the network device.
     let r = d.sh(
         &id,
-        "mkdir -p /tmp/www && echo published > /tmp/www/index.html && httpd -p 127.0.0.1:8000 -h /tmp/www",
+        "mkdir -p /tmp/www && echo published > /tmp/www/index.html && \
+         httpd -p 127.0.0.1:8000 -h /tmp/www && httpd -p 8001 -h /tmp/www",
     );
     assert_eq!(r["exit_code"], 0, "{r}");
-    let published = || {
+    let get = |port: u16| {
         host(&format!(
-            "for i in $(seq 50); do curl -sf http://127.0.0.1:{host_port}/index.html && exit; sleep 0.2; done; exit 1"
+            "for i in $(seq 50); do curl -sf http://127.0.0.1:{port}/index.html && exit; sleep 0.2; done; exit 1"
         ))
     };
+    let published = || get(host_port);
     assert_eq!(published(), (true, "published\n".to_string()));
+    assert_eq!(get(second_port), (true, "published\n".to_string()));
     // Not named by the policy: neither resolved nor reached.
     assert_ne!(lookup(&d, "bad.test")["exit_code"], 0);
     assert_ne!(wget(&d, &lab.other())["exit_code"], 0);

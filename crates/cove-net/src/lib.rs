@@ -934,15 +934,18 @@ impl Network {
     }
 }
 
-/// Where a sandbox's published ports lead: through its relay when it has
-/// one (a microVM), into its namespace otherwise.
+/// Where a sandbox's published ports lead: to a microVM's guest address,
+/// then through its relay, when it has one; into its namespace otherwise.
 fn upstream(
     stored: &Stored,
     netns: &Arc<OwnedFd>,
     relay: Option<Arc<dyn PortRelay>>,
 ) -> ports::Upstream {
     match relay {
-        Some(relay) => ports::Upstream::Relay(relay),
+        Some(relay) => ports::Upstream::Relay {
+            relay,
+            address: stored.address,
+        },
         None => ports::Upstream::Namespace {
             netns: netns.clone(),
             address: stored.address,
@@ -990,7 +993,7 @@ mod tests {
             upstream(&namespace, &netns, None),
             ports::Upstream::Namespace { address: a, .. } if a == address
         ));
-        // A guest behind a tap, with or without an address: its relay.
+        // A guest behind a tap: its address (if any), then its relay.
         let guest = Stored {
             address,
             guest_link: Some("tap0".into()),
@@ -998,11 +1001,11 @@ mod tests {
         };
         assert!(matches!(
             upstream(&guest, &netns, Some(Arc::new(NoRelay))),
-            ports::Upstream::Relay(_)
+            ports::Upstream::Relay { address: a, .. } if a == address
         ));
         assert!(matches!(
             upstream(&Stored::default(), &netns, Some(Arc::new(NoRelay))),
-            ports::Upstream::Relay(_)
+            ports::Upstream::Relay { address: None, .. }
         ));
     }
 

@@ -7,9 +7,10 @@
 //! sandbox's own loopback: a dev server that listens on `localhost` only is
 //! published too, and it works for sandboxes without egress (`network:
 //! "none"`) as well. It tries 127.0.0.1, then ::1, then the sandbox's
-//! bridge address. A microVM's loopback is in its guest kernel: there a
-//! [`PortRelay`] (the guest's agent, over vsock) makes the same tries from
-//! inside the guest.
+//! bridge address. A microVM's loopback is in its guest kernel: there the
+//! proxy tries the guest's address on the bridge (if it has egress), then
+//! a [`PortRelay`] (the guest's agent, over vsock), which makes the
+//! namespace's tries from inside the guest.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -68,8 +69,12 @@ pub enum Upstream {
         netns: Arc<OwnedFd>,
         address: Option<Ipv4Addr>,
     },
-    /// A sandbox reached through a relay (a microVM's agent).
-    Relay(Arc<dyn PortRelay>),
+    /// A sandbox reached through a relay (a microVM's agent), and over
+    /// its network device first when it has an address on the bridge.
+    Relay {
+        relay: Arc<dyn PortRelay>,
+        address: Option<Ipv4Addr>,
+    },
 }
 
 /// Forward every connection to `listener` into `port` of the sandbox
@@ -103,7 +108,17 @@ async fn proxy(mut client: TcpStream, mut upstream: Box<dyn Duplex>) {
 async fn connect(upstream: &Upstream, port: u16) -> io::Result<Box<dyn Duplex>> {
     let (netns, address) = match upstream {
         Upstream::Namespace { netns, address } => (netns, *address),
-        Upstream::Relay(relay) => {
+        Upstream::Relay { relay, address } => {
+            // The network device first: under TCG it moved a large
+            // download ~6x faster than the vsock relay. The relay then
+            // reaches what listens on the guest's loopback only.
+            if let Some(address) = address {
+                let target = SocketAddr::from((*address, port));
+                if let Ok(stream) = within(target, TcpStream::connect(target)).await {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(Box::new(stream));
+                }
+            }
             let reached = tokio::time::timeout(CONNECT_TIMEOUT, relay.connect(port)).await;
             return reached.unwrap_or_else(|_| {
                 Err(io::Error::new(
