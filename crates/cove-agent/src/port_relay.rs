@@ -66,10 +66,10 @@ async fn relay_one(
     }
     let _ = stream.set_nodelay(true);
     let (mut from_port, mut to_port) = stream.into_split();
-    // Each direction ends on its own, passing the half-close on, so a
-    // client that shuts down its writing side still gets the answer.
+    // Each direction ends on its own, so a client that shuts down its
+    // writing side (the host's end chunk) still gets the answer.
     let inbound = async {
-        let _ = tokio::io::copy(&mut from_host, &mut to_port).await;
+        let _ = relay::copy_chunks(&mut from_host, &mut to_port).await;
         let _ = to_port.shutdown().await;
     };
     let outbound = async {
@@ -103,8 +103,8 @@ mod tests {
     use super::*;
 
     /// The relay over a socket pair standing in for vsock: a port that
-    /// answers, an echo through it with a half-close, and one nobody
-    /// listens on.
+    /// answers, an echo through it after the client's half-close, and one
+    /// nobody listens on.
     #[tokio::test(flavor = "current_thread")]
     async fn joins_a_port_and_refuses_a_closed_one() {
         let local = tokio::task::LocalSet::new();
@@ -127,6 +127,8 @@ mod tests {
                 let mut status = [0u8; 1];
                 host.read_exact(&mut status).await.unwrap();
                 assert_eq!(status[0], relay::CONNECTED);
+                // The half-close goes as the end chunk; the answer follows.
+                let mut host = relay::HostEnd::new(host);
                 host.write_all(b"there and").await.unwrap();
                 host.shutdown().await.unwrap();
                 let mut answer = String::new();

@@ -109,8 +109,14 @@ pub fn main() -> ! {
                 let incoming = listen(vsock.agent)?;
                 if let Some(port) = vsock.relay {
                     // Listening before the host hears "ready": a published
-                    // port works from the sandbox's first moment.
-                    crate::port_relay::serve(listen(port)?, vsock.address);
+                    // port works from the sandbox's first moment. Without
+                    // it the sandbox still runs; its ports do not answer.
+                    match listen(port) {
+                        Ok(relayed) => crate::port_relay::serve(relayed, vsock.address),
+                        Err(err) => eprintln!(
+                            "cove-agent: no port relay (published ports will not answer): {err}"
+                        ),
+                    }
                 }
                 if let Some(ready) = vsock.ready {
                     tell_host_ready(ready);

@@ -497,6 +497,19 @@ fn get_published(port: u64) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Send `data` to the host's published `port`, shut down the sending
+/// side, and read the answer to its end; `None` when nothing came back.
+fn half_closed_exchange(port: u64, data: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port as u16)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream.write_all(data).ok()?;
+    stream.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    (!answer.is_empty()).then_some(answer)
+}
+
 /// [`get_published`], retried while the server in the sandbox starts.
 fn fetch_published(port: u64) -> Option<String> {
     for _ in 0..50 {
@@ -513,11 +526,12 @@ fn fetch_published(port: u64) -> Option<String> {
 /// works before and after the restart.
 fn restart_suite(backend: &str) {
     let Some(mut d) = daemon(backend) else { return };
-    let id = d.create(json!({"backend": backend, "network": {"exposed_ports": [8000]}}));
+    let id = d.create(json!({"backend": backend, "network": {"exposed_ports": [8000, 8001]}}));
     let (_, sandbox) = d.call("GET", &path(&id, ""), None);
     let host_port = sandbox["network"]["ports"][0]["host_port"]
         .as_u64()
         .unwrap_or_else(|| panic!("no published port: {sandbox}"));
+    let counter_port = sandbox["network"]["ports"][1]["host_port"].as_u64().unwrap();
     // Nothing listens yet: the client is turned away, the daemon is fine.
     assert_eq!(get_published(host_port), None);
     let r = d.sh(
@@ -527,6 +541,24 @@ fn restart_suite(backend: &str) {
     );
     assert_eq!(r["exit_code"], 0, "{r}");
     assert_eq!(fetch_published(host_port).as_deref(), Some("published\n"));
+    // A server that answers only once the client has finished sending
+    // (a TCP half-close): the relay carries the half-close in band.
+    let r = d.sh(
+        &id,
+        "printf '#!/bin/sh\necho \"got $(wc -c)\"\n' > /tmp/count && chmod +x /tmp/count && \
+         (while true; do busybox nc -l -p 8001 -e /tmp/count; done) > /dev/null 2>&1 &",
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let counted = (0..50)
+        .map(|_| {
+            let answer = half_closed_exchange(counter_port, b"hello world");
+            if answer.is_none() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            answer
+        })
+        .find_map(|answer| answer);
+    assert_eq!(counted.as_deref(), Some("got 11\n"));
     d.sh(&id, "echo before > /tmp/f");
     d.kill();
     d.spawn();

@@ -49,13 +49,14 @@ impl TransportRecord {
             }),
         }
     }
-}
 
-impl TransportRecord {
     /// A stream to TCP `port` inside the guest (its loopback first),
     /// relayed by the guest's agent. Nothing listening there is
     /// [`std::io::ErrorKind::ConnectionRefused`].
-    pub async fn connect_tcp(&self, port: u16) -> std::io::Result<AgentStream> {
+    pub async fn connect_tcp(
+        &self,
+        port: u16,
+    ) -> std::io::Result<cove_protocol::relay::HostEnd<AgentStream>> {
         let TransportRecord::HybridVsock { uds, .. } = self;
         let mut stream = hybrid_connect(uds, RELAY_PORT)
             .await
@@ -71,7 +72,7 @@ impl TransportRecord {
             )
         })?;
         match status[0] {
-            cove_protocol::relay::CONNECTED => Ok(stream),
+            cove_protocol::relay::CONNECTED => Ok(cove_protocol::relay::HostEnd::new(stream)),
             cove_protocol::relay::REFUSED => Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionRefused,
                 format!("nothing listens on port {port} in the guest"),

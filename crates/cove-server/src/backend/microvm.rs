@@ -264,8 +264,7 @@ impl Backend for MicrovmBackend {
         true
     }
 
-    /// Relayed by the guest's agent over vsock ([`GuestPorts`]), with or
-    /// without a network device.
+    /// With or without a network device ([`GuestPorts`]).
     fn supports_published_ports(&self) -> bool {
         true
     }
@@ -353,9 +352,11 @@ impl Backend for MicrovmBackend {
     }
 }
 
-/// A microVM's published ports: each connection is relayed by its agent
-/// over vsock to the port in the guest (loopback first), so neither a
-/// network device nor a server on the guest's address is needed.
+/// A microVM's published ports: each connection that the guest's address
+/// does not take (cove-net tries it first when the VM has egress) is
+/// relayed by its agent over vsock to the port in the guest (loopback
+/// first), so neither a network device nor a server on the guest's
+/// address is needed.
 #[derive(Debug)]
 struct GuestPorts(cove_vm::TransportRecord);
 
