@@ -502,7 +502,9 @@ fn get_published(port: u64) -> Option<String> {
 fn half_closed_exchange(port: u64, data: &[u8]) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port as u16)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     stream.write_all(data).ok()?;
     stream.shutdown(std::net::Shutdown::Write).ok()?;
     let mut answer = String::new();
@@ -531,7 +533,9 @@ fn restart_suite(backend: &str) {
     let host_port = sandbox["network"]["ports"][0]["host_port"]
         .as_u64()
         .unwrap_or_else(|| panic!("no published port: {sandbox}"));
-    let counter_port = sandbox["network"]["ports"][1]["host_port"].as_u64().unwrap();
+    let counter_port = sandbox["network"]["ports"][1]["host_port"]
+        .as_u64()
+        .unwrap();
     // Nothing listens yet: the client is turned away, the daemon is fine.
     assert_eq!(get_published(host_port), None);
     let r = d.sh(

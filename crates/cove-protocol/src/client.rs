@@ -386,40 +386,34 @@ pub struct Output {
 }
 
 fn route(routes: &Mutex<Routes>, msg: FromAgent) {
-    // (`HostCodec` never leaves output in a message; a copy would do.)
-    let msg = match msg {
-        FromAgent::Message(AgentMessage::Output {
-            pid,
-            stream,
-            offset,
-            data,
-        }) => FromAgent::Output {
-            pid,
-            stream,
-            offset,
-            data: data.into(),
-        },
-        other => other,
-    };
     let mut routes = lock(routes);
-    let msg = match msg {
+    let (pid, stream, offset, data) = match msg {
         FromAgent::Output {
             pid,
             stream,
             offset,
             data,
-        } => {
-            if let Some(events) = routes.procs.get(&pid) {
-                let _ = events.send(Ok(ProcessEvent::Output {
-                    stream,
-                    offset,
-                    data,
-                }));
-            }
-            return;
-        }
-        FromAgent::Message(msg) => msg,
+        } => (pid, stream, offset, data),
+        // (`HostCodec` never leaves output in a message; a copy would do.)
+        FromAgent::Message(AgentMessage::Output {
+            pid,
+            stream,
+            offset,
+            data,
+        }) => (pid, stream, offset, Bytes::from(data)),
+        FromAgent::Message(msg) => return route_message(&mut routes, msg),
     };
+    if let Some(events) = routes.procs.get(&pid) {
+        let _ = events.send(Ok(ProcessEvent::Output {
+            stream,
+            offset,
+            data,
+        }));
+    }
+}
+
+/// Every agent message but output.
+fn route_message(routes: &mut Routes, msg: AgentMessage) {
     match msg {
         AgentMessage::Spawned { req, pid } => {
             if let Some(waiter) = routes.pending.remove(&req) {
@@ -438,7 +432,7 @@ fn route(routes: &Mutex<Routes>, msg: FromAgent) {
                 let _ = waiter.send(Ok((route, info)));
             }
         }
-        // Routed above, as `FromAgent::Output`.
+        // Routed by `route`.
         AgentMessage::Output { .. } => {}
         AgentMessage::Dropped {
             pid,
