@@ -56,6 +56,11 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The daemon's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn client(&self) -> Client {
         Client::new(self.url.clone(), Some(self.key.clone()))
     }

@@ -132,10 +132,76 @@ async fn concurrent(args: &BenchArgs, client: &Client) -> Result<(Vec<Duration>,
     Ok((samples, rate))
 }
 
+/// CPU time one streaming round cost each party, in milliseconds: a
+/// figure the machine's noise moves far less than the rate.
+#[derive(Debug, Default, Clone, Copy)]
+struct StreamCpu {
+    /// This process: the SDK's HTTP client, SSE parsing, base64 decoding.
+    client: f64,
+    /// The daemon's threads (the sandbox's agent is not among them).
+    daemon: f64,
+    /// The sandbox's agent, when it could be found among the daemon's
+    /// children.
+    agent: Option<f64>,
+}
+
+/// User plus system CPU time of this process, all threads, in ms.
+fn own_cpu_ms() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    getrusage(UsageWho::RUSAGE_SELF).map_or(f64::NAN, |u| ms(u.user_time()) + ms(u.system_time()))
+}
+
+/// User plus system CPU time of process `pid` (its own threads, not its
+/// children), in ms, from `/proc/PID/stat`.
+fn proc_cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses:
+    // state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some(ticks * 1e3 / per_second)
+}
+
+/// The child processes of `pid` (all its threads' children).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 /// Stream `head -c BYTES /dev/zero` over SSE (`exec/stream`, base64 chunks,
-/// decoded by the SDK); returns the bytes received and the time taken.
-async fn sse_stream(client: &Client, bytes: u64) -> Result<(u64, Duration), String> {
+/// decoded by the SDK); returns the bytes received, the time taken and the
+/// CPU time each party spent. `daemon` is the daemon's process ID.
+async fn sse_stream(
+    client: &Client,
+    daemon: u32,
+    bytes: u64,
+) -> Result<(u64, Duration, StreamCpu), String> {
+    let before = children(daemon);
     let id = create(client).await?;
+    // The new sandbox's agent: the daemon's one new child.
+    let agent = match children(daemon)
+        .into_iter()
+        .filter(|pid| !before.contains(pid))
+        .collect::<Vec<_>>()[..]
+    {
+        [pid] => Some(pid),
+        _ => None,
+    };
     let outcome = async {
         let req = ExecRequest {
             argv: Some(vec![
@@ -147,6 +213,11 @@ async fn sse_stream(client: &Client, bytes: u64) -> Result<(u64, Duration), Stri
             encoding: Encoding::Base64,
             ..Default::default()
         };
+        let cpu_before = (
+            own_cpu_ms(),
+            proc_cpu_ms(daemon),
+            agent.and_then(proc_cpu_ms),
+        );
         let start = Instant::now();
         let stream = client
             .exec_stream(&id, &req)
@@ -165,7 +236,18 @@ async fn sse_stream(client: &Client, bytes: u64) -> Result<(u64, Duration), Stri
                 StreamEvent::Start { .. } => {}
             }
         }
-        Ok((received, start.elapsed()))
+        let elapsed = start.elapsed();
+        let cpu = StreamCpu {
+            client: own_cpu_ms() - cpu_before.0,
+            daemon: proc_cpu_ms(daemon)
+                .zip(cpu_before.1)
+                .map_or(f64::NAN, |(after, before)| after - before),
+            agent: agent
+                .and_then(proc_cpu_ms)
+                .zip(cpu_before.2)
+                .map(|(after, before)| after - before),
+        };
+        Ok((received, elapsed, cpu))
     }
     .await;
     let _ = client.delete_sandbox(&id).await;
@@ -373,7 +455,7 @@ pub(super) fn cases(
         );
     }
     if args.wants(Group::Stream) {
-        stream_rates(args, &runtime, &client, &mut rates);
+        stream_rates(args, &runtime, &client, daemon.pid(), &mut rates);
     }
     runtime.block_on(daemon.delete_all());
     drop(daemon);
@@ -423,12 +505,14 @@ fn stream_rates(
     args: &BenchArgs,
     runtime: &tokio::runtime::Runtime,
     client: &Client,
+    daemon: u32,
     rates: &mut Vec<Rate>,
 ) {
     let (sse_name, sse_shown) = SSE;
     let (pipe_name, pipe_shown) = PIPE;
     let bytes = args.stream_mib << 20;
     let (mut pipe, mut sse) = (Ok(Vec::new()), Ok(Vec::new()));
+    let mut cpu = Vec::new();
     for _ in 0..STREAM_ROUNDS {
         if let Ok(rates) = &mut pipe {
             match pipe_stream(bytes) {
@@ -437,9 +521,22 @@ fn stream_rates(
             }
         }
         if let Ok(rates) = &mut sse {
-            match runtime.block_on(sse_stream(client, bytes)) {
-                Ok((n, _)) if n != bytes => sse = Err(format!("received {n} bytes of {bytes}")),
-                Ok((n, elapsed)) => rates.push(mib_per_s(n, elapsed)),
+            // The client reads inside a task of the runtime, as a service
+            // using the SDK would: from `block_on`'s thread every network
+            // read would be handed across threads (~40% more of the
+            // client's CPU time).
+            let client = client.clone();
+            let round = runtime.block_on(async move {
+                tokio::spawn(async move { sse_stream(&client, daemon, bytes).await })
+                    .await
+                    .map_err(|e| e.to_string())?
+            });
+            match round {
+                Ok((n, _, _)) if n != bytes => sse = Err(format!("received {n} bytes of {bytes}")),
+                Ok((n, elapsed, spent)) => {
+                    rates.push(mib_per_s(n, elapsed));
+                    cpu.push(spent);
+                }
                 Err(e) => sse = Err(e),
             }
         }
@@ -464,6 +561,31 @@ fn stream_rates(
             let mut rate = Rate::new(sse_name, sse_shown, median(rounds), "MiB/s");
             rate.versus = pipe_rate.map(|p| (pipe_name.to_string(), rate.value / p));
             rates.push(rate);
+            let per_gib = |ms: f64| ms * 1024.0 / args.stream_mib.max(1) as f64;
+            let parts: [(&str, &str, Vec<f64>); 3] = [
+                (
+                    "SSE: CPU time of the client",
+                    "cove-client: HTTP, SSE parsing, base64 decoding",
+                    cpu.iter().map(|c| per_gib(c.client)).collect(),
+                ),
+                (
+                    "SSE: CPU time of the daemon",
+                    "cove serve's threads",
+                    cpu.iter().map(|c| per_gib(c.daemon)).collect(),
+                ),
+                (
+                    "SSE: CPU time of the agent",
+                    "the sandbox's agent (not the command)",
+                    cpu.iter().filter_map(|c| c.agent.map(per_gib)).collect(),
+                ),
+            ];
+            for (name, shown, values) in parts {
+                if values.is_empty() {
+                    rates.push(Rate::skipped(name, shown, "not found".into()));
+                } else {
+                    rates.push(Rate::new(name, shown, median(values), "ms/GiB"));
+                }
+            }
         }
         Err(e) => rates.push(Rate::skipped(sse_name, sse_shown, e)),
     }
