@@ -72,5 +72,7 @@ fn the_stream_case_reports_rates_and_each_partys_cpu_time() {
             .join(format!("cove-bench-http-{pid}"));
         assert!(!parent.exists(), "{} is left", parent.display());
     }
-    assert!(!common::host_has_process_with(&format!("cove-bench-http-{pid}")));
+    assert!(!common::host_has_process_with(&format!(
+        "cove-bench-http-{pid}"
+    )));
 }

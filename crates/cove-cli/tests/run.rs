@@ -671,3 +671,111 @@ fn a_killed_cove_run_is_cleaned_up_by_the_next() {
     assert_eq!(code(&out), 0);
     env.assert_clean();
 }
+
+/// Runs `cove ARGS` in a mount namespace whose only cgroup hierarchy is
+/// this host's cgroup2 mount, at `/sys/fs/cgroup`: what cove sees on a
+/// pure v2 host (one hierarchy, `cgroup.kill`, `cgroup.freeze`), here with
+/// no controllers, as a hybrid host's v2 mount has none.
+fn v2_only(env: &Env, args: &[&str]) -> std::process::Child {
+    const SCRIPT: &str = r#"set -e
+mount --make-rprivate /
+dir=$(mktemp -d)
+mount --bind /sys/fs/cgroup/unified "$dir"
+umount -l /sys/fs/cgroup
+mount --bind "$dir" /sys/fs/cgroup
+umount "$dir"
+rmdir "$dir"
+exec "$@""#;
+    Command::new("unshare")
+        .args(["--mount", "--", "sh", "-c", SCRIPT, "sh"])
+        .arg(env!("CARGO_BIN_EXE_cove"))
+        .args(args)
+        .env("COVE_RUNTIME_DIR", env.runtime.path())
+        .env("COVE_CGROUP_PARENT", &env.cgroup_parent)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_pure_v2_host_runs_sandboxes_in_its_one_hierarchy() {
+    if !root() {
+        return;
+    }
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        eprintln!("this host is pure cgroup v2: every other test here covers it");
+        return;
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !unified.join("cgroup.subtree_control").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI's host has a cgroup2 mount at {}",
+            unified.display()
+        );
+        eprintln!("skipped: no cgroup2 mount next to the v1 ones");
+        return;
+    }
+    let env = Env::new();
+
+    // A sandbox runs, in a cgroup of the v2 hierarchy and no v1 one.
+    let tag = format!("1.{}", std::process::id());
+    let child = v2_only(
+        &env,
+        &["run", "--", "sh", "-c", &format!("sleep {tag}; echo ran")],
+    );
+    let mut dirs = Vec::new();
+    for _ in 0..200 {
+        dirs = env.cgroup_children();
+        if !dirs.is_empty() && host_runs(&["sleep", &tag]) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        (code(&out), stdout(&out).as_str()),
+        (0, "ran\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dirs.is_empty(), "no cgroup for the sandbox");
+    let parent = unified.join(&env.cgroup_parent);
+    assert!(
+        dirs.iter().all(|d| d.starts_with(&parent)),
+        "cgroups outside the v2 hierarchy: {dirs:?}"
+    );
+
+    // A timeout kills the whole tree through cgroup.kill, setsid or not.
+    let tag = format!("1000.{}", std::process::id() + 7);
+    let out = v2_only(
+        &env,
+        &[
+            "run",
+            "--timeout",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            &format!("sleep {tag} & setsid sleep {tag} & sleep {tag}"),
+        ],
+    )
+    .wait_with_output()
+    .unwrap();
+    assert_eq!(code(&out), 124, "{}", stderr(&out));
+    assert!(!host_has_process_with(&tag), "a sleep survived the timeout");
+
+    // A limit with no controller behind it is refused, not ignored.
+    let out = v2_only(&env, &["run", "--memory", "64M", "--", "true"])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no memory cgroup controller"),
+        "{}",
+        stderr(&out)
+    );
+    env.assert_clean();
+}
