@@ -589,9 +589,10 @@ fn nothing_reaches_outside_the_sandbox() {
                 status == 400 || status == 403 || status == 404,
                 "PUT {base}: {status}"
             );
+            // 403: /proc/self/fd is the agent's own, refused before the link.
             let (status, _) = put(&d, &id, &format!("{base}/pwned-file"), b"pwned".to_vec());
             assert!(
-                status == 400 || status == 404,
+                status == 400 || status == 403 || status == 404,
                 "PUT {base}/pwned-file: {status}"
             );
             let (status, _) = post(
@@ -601,14 +602,17 @@ fn nothing_reaches_outside_the_sandbox() {
                 json!({"path": format!("{base}/pwned-dir"), "parents": true}),
             );
             assert!(
-                status == 400 || status == 404,
+                status == 400 || status == 403 || status == 404,
                 "mkdir {base}/pwned-dir: {status}"
             );
             let mut archive = Vec::new();
             raw_entry(&mut archive, "pwned-tar", b'0', "", b"x");
             archive.extend_from_slice(&[0u8; 1024]);
             let (status, _) = tar_put(&d, &id, &base, archive);
-            assert!(status == 400 || status == 404, "tar into {base}: {status}");
+            assert!(
+                status == 400 || status == 403 || status == 404,
+                "tar into {base}: {status}"
+            );
             attempts += 5;
         }
     }
@@ -742,10 +746,313 @@ fn nothing_reaches_outside_the_sandbox() {
     archive.truncate(4000);
     let (status, _) = tar_put(&d, &id, "/workspace/trunc", archive);
     assert_eq!(status, 400);
-    assert_eq!(d.sh(&id, "ls -A /workspace/trunc")["stdout"], "");
+    assert_eq!(
+        d.sh(&id, "test -e /workspace/trunc; echo $?")["stdout"],
+        "1\n"
+    );
     // Garbage is not an archive.
     let (status, err) = tar_put(&d, &id, "/workspace/garbage", vec![0x42; 2048]);
     assert_eq!((status, code(&err)), (400, "invalid_request"), "{err}");
+}
+
+#[test]
+fn the_agents_own_proc_files_are_not_served() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(json!({}));
+    // The agent is PID 1 of the sandbox: /proc/self, /proc/1 and links
+    // into them would be its environment, not a file of the sandbox.
+    d.sh(
+        &id,
+        "ln -s /proc/1/environ /workspace/env; ln -s /proc/self /workspace/me",
+    );
+    for path in [
+        "/proc/self/environ",
+        "/proc/1/environ",
+        "/proc/thread-self/environ",
+        "/workspace/env",
+        "/workspace/me/environ",
+    ] {
+        let (status, body) = get(&d, &id, path);
+        let err = json_of(&body);
+        assert_eq!(
+            (status, code(&err)),
+            (403, "forbidden"),
+            "GET {path}: {err}"
+        );
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains("exec"), "{path}: {message}");
+    }
+    for (method, route, path) in [
+        ("GET", "fs/stat", "/proc/1"),
+        ("GET", "fs/list", "/proc/self"),
+        ("GET", "fs/tar", "/proc/1/environ"),
+        ("DELETE", "fs", "/proc/1/environ"),
+    ] {
+        let (status, err) = call(&d, method, &id, route, &[("path", path)]);
+        assert_eq!(
+            (status, code(&err)),
+            (403, "forbidden"),
+            "{route} {path}: {err}"
+        );
+    }
+    let (status, err) = put(&d, &id, "/proc/1/environ", b"x".to_vec());
+    assert_eq!((status, code(&err)), (403, "forbidden"), "{err}");
+    // The rest of /proc is the sandbox's view of the machine, served.
+    let (status, body) = get(&d, &id, "/proc/meminfo");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("MemTotal"));
+    let (status, list) = call(
+        &d,
+        "GET",
+        &id,
+        "fs/list",
+        &[("path", "/proc"), ("depth", "2")],
+    );
+    assert_eq!(status, 200, "{list}");
+    let paths: Vec<&str> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["path"].as_str())
+        .collect();
+    assert!(paths.contains(&"/proc/1"), "{paths:?}");
+    assert!(!paths.contains(&"/proc/1/environ"), "{paths:?}");
+}
+
+#[test]
+fn a_refused_recursive_remove_removes_nothing() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(json!({}));
+    // /dev holds mount points (/dev/shm, /dev/pts): the whole removal is
+    // refused before anything in it goes.
+    let before = d.sh(&id, "ls -A /dev")["stdout"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        before.contains("ptmx") && before.contains("shm"),
+        "{before}"
+    );
+    let (status, err) = call(
+        &d,
+        "DELETE",
+        &id,
+        "fs",
+        &[("path", "/dev"), ("recursive", "true")],
+    );
+    assert_eq!((status, code(&err)), (403, "forbidden"), "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mount point"),
+        "{err}"
+    );
+    assert_eq!(d.sh(&id, "ls -A /dev")["stdout"], before);
+    // A mount point itself is not emptied either.
+    d.sh(&id, "echo kept > /dev/shm/kept");
+    let (status, err) = call(
+        &d,
+        "DELETE",
+        &id,
+        "fs",
+        &[("path", "/dev/shm"), ("recursive", "true")],
+    );
+    assert_eq!((status, code(&err)), (403, "forbidden"), "{err}");
+    assert_eq!(d.sh(&id, "cat /dev/shm/kept")["stdout"], "kept\n");
+    // What terminals need is still there.
+    assert_eq!(
+        d.sh(&id, "test -c /dev/ptmx && test -e /dev/fd/0 && echo ok")["stdout"],
+        "ok\n"
+    );
+}
+
+#[test]
+fn moves_that_would_copy_are_refused_as_client_errors() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(json!({}));
+    assert_eq!(put(&d, &id, "/workspace/f", b"data".to_vec()).0, 200);
+    // Another file system: the client has to copy.
+    for (from, to) in [
+        ("/workspace/f", "/dev/shm/f"),
+        ("/usr/bin/ls", "/workspace/ls"),
+    ] {
+        let (status, err) = post(&d, &id, "fs/move", json!({"from": from, "to": to}));
+        assert_eq!(
+            (status, code(&err)),
+            (400, "invalid_request"),
+            "{from}: {err}"
+        );
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains("different file systems"), "{message}");
+        assert!(message.contains("copy"), "{message}");
+    }
+    assert_eq!(get(&d, &id, "/workspace/f"), (200, b"data".to_vec()));
+    // A directory of the image (an overlay lower layer: /workspace) cannot
+    // be renamed in place; that is not a matter of file systems.
+    let (status, err) = post(
+        &d,
+        &id,
+        "fs/move",
+        json!({"from": "/workspace", "to": "/workspace2"}),
+    );
+    assert_eq!((status, code(&err)), (400, "invalid_request"), "{err}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("copy") && !message.contains("different file systems"),
+        "{message}"
+    );
+    assert_eq!(get(&d, &id, "/workspace/f"), (200, b"data".to_vec()));
+}
+
+#[test]
+fn uploads_do_not_replace_devices_fifos_or_sockets() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(json!({}));
+    d.sh(
+        &id,
+        "mkfifo /workspace/fifo; ln -s nowhere /workspace/link; \
+         python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"/workspace/sock\")' 2>/dev/null || true",
+    );
+    for path in ["/dev/null", "/dev/zero", "/workspace/fifo"] {
+        let (status, err) = put(&d, &id, path, b"replaced".to_vec());
+        assert_eq!(
+            (status, code(&err)),
+            (400, "invalid_request"),
+            "{path}: {err}"
+        );
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("regular file"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        d.sh(
+            &id,
+            "test -c /dev/null && test -c /dev/zero && test -p /workspace/fifo && echo ok"
+        )["stdout"],
+        "ok\n"
+    );
+    if d.sh(&id, "test -S /workspace/sock && echo y")["stdout"] == "y\n" {
+        let (status, _) = put(&d, &id, "/workspace/sock", b"x".to_vec());
+        assert_eq!(status, 400);
+    }
+    // Files and symlinks are still replaced, as documented.
+    assert_eq!(
+        put(&d, &id, "/workspace/link", b"now a file".to_vec()).0,
+        200
+    );
+    assert_eq!(put(&d, &id, "/workspace/link", b"again".to_vec()).0, 200);
+    assert_eq!(
+        d.sh(&id, "test -L /workspace/link || cat /workspace/link")["stdout"],
+        "again"
+    );
+}
+
+#[test]
+fn a_refused_archive_leaves_nothing_behind() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(json!({}));
+    let end = [0u8; 1024];
+    // `fd` is a file, then `fd/x` needs it to be a directory.
+    let mut clash = Vec::new();
+    for (name, data) in [
+        ("aaa", "a"),
+        ("bbb", "b"),
+        ("fd", "f"),
+        ("fd/x", "x"),
+        ("zzz", "z"),
+    ] {
+        raw_entry(&mut clash, name, b'0', "", data.as_bytes());
+    }
+    clash.extend_from_slice(&end);
+    let (status, err) = tar_put(&d, &id, "/workspace/t2/sub", clash.clone());
+    assert_eq!((status, code(&err)), (409, "conflict"), "{err}");
+    assert_eq!(d.sh(&id, "test -e /workspace/t2; echo $?")["stdout"], "1\n");
+    // Into an existing directory: its contents stay as they were.
+    d.sh(&id, "mkdir /workspace/t3; echo old > /workspace/t3/aaa");
+    let (status, _) = tar_put(&d, &id, "/workspace/t3", clash);
+    assert_eq!(status, 409);
+    assert_eq!(
+        d.sh(&id, "ls -A /workspace/t3; cat /workspace/t3/aaa")["stdout"],
+        "aaa\nold\n"
+    );
+    // An existing directory where the archive has a file, after entries
+    // that replace and add files: none of them lands.
+    d.sh(&id, "mkdir -p /workspace/t3/zzz");
+    let mut late = Vec::new();
+    raw_entry(&mut late, "aaa", b'0', "", b"new");
+    raw_entry(&mut late, "new", b'0', "", b"new");
+    raw_entry(&mut late, "zzz", b'0', "", b"file");
+    late.extend_from_slice(&end);
+    let (status, err) = tar_put(&d, &id, "/workspace/t3", late);
+    assert_eq!((status, code(&err)), (409, "conflict"), "{err}");
+    assert_eq!(
+        d.sh(&id, "ls -A /workspace/t3; cat /workspace/t3/aaa")["stdout"],
+        "aaa\nzzz\nold\n"
+    );
+    // Broken or hostile archives into a new directory: no directory left.
+    let mut dots = Vec::new();
+    raw_entry(&mut dots, "good", b'0', "", b"fine");
+    raw_entry(&mut dots, "../escape", b'0', "", b"evil");
+    dots.extend_from_slice(&end);
+    let mut absolute = Vec::new();
+    raw_entry(&mut absolute, "good", b'0', "", b"fine");
+    raw_entry(&mut absolute, "/etc/evil", b'0', "", b"evil");
+    absolute.extend_from_slice(&end);
+    let mut truncated = Vec::new();
+    raw_entry(&mut truncated, "d/file", b'0', "", &[7u8; 10_000]);
+    truncated.truncate(4000);
+    let gzip_garbage = [&[0x1f, 0x8b, 0x08, 0x00][..], &[0x55; 2000][..]].concat();
+    for (what, archive) in [
+        ("..", dots),
+        ("absolute", absolute),
+        ("truncated", truncated),
+        ("random bytes", vec![0x42; 2048]),
+        ("gzip garbage", gzip_garbage),
+    ] {
+        let (status, err) = tar_put(&d, &id, "/workspace/new/deeper", archive);
+        assert_eq!(
+            (status, code(&err)),
+            (400, "invalid_request"),
+            "{what}: {err}"
+        );
+        assert_eq!(
+            d.sh(&id, "test -e /workspace/new; echo $?")["stdout"],
+            "1\n",
+            "{what}"
+        );
+    }
+    // A full disk too.
+    let small = d.create(json!({"disk": "16M"}));
+    let mut big = Vec::new();
+    raw_entry(&mut big, "small", b'0', "", b"x");
+    raw_entry(&mut big, "big", b'0', "", &vec![1u8; 24 << 20]);
+    big.extend_from_slice(&end);
+    let (status, err) = tar_put(&d, &small, "/workspace/full", big);
+    assert_eq!((status, code(&err)), (507, "insufficient_storage"), "{err}");
+    assert_eq!(
+        d.sh(&small, "test -e /workspace/full; echo $?")["stdout"],
+        "1\n"
+    );
 }
 
 /// Agent threads doing file operations in this daemon's sandboxes.

@@ -9,9 +9,11 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so an entry can never
 //! write through a symlink, whether it was there before or an earlier entry
 //! made it. Files, symlinks and links are written under temporary names and
-//! renamed into place only once the whole archive has been read: an archive
-//! that fails half-way leaves nothing of itself behind (the directories it
-//! had to create are removed again when they are empty).
+//! renamed into place only once the whole archive has been read (an
+//! existing file exchanged with its replacement, so that a failure while
+//! renaming can swap it back): an archive that fails half-way leaves
+//! nothing of itself behind (the directories it had to create, the
+//! destination included, are removed again).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
@@ -21,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use cove_protocol::fs::{FileKind, FsDone, FsError, FsErrorKind, FsReply};
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag};
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::unistd::UnlinkatFlags;
 use tar::{EntryType, Header};
@@ -499,6 +501,61 @@ struct Unpacker {
     cached_parent: Option<(Vec<u8>, OwnedFd)>,
 }
 
+/// An entry [`Unpacker::commit`] renamed into place, and how to undo it.
+struct Placed {
+    dir: OwnedFd,
+    name: CString,
+    /// Where the replaced file waits (after an exchange).
+    temp: CString,
+    undo: Undo,
+}
+
+enum Undo {
+    /// Nothing was there: remove the entry again.
+    Remove,
+    /// An existing entry was exchanged with the new one: swap them back.
+    SwapBack,
+    /// An existing entry was replaced for good (the file system cannot
+    /// exchange names).
+    Keep,
+}
+
+impl Placed {
+    fn undo(self) {
+        let at = |name: &CStr| {
+            let _ = nix::unistd::unlinkat(self.dir.as_fd(), name, UnlinkatFlags::NoRemoveDir);
+        };
+        match self.undo {
+            Undo::Remove => at(&self.name),
+            Undo::SwapBack => {
+                if nix::fcntl::renameat2(
+                    self.dir.as_fd(),
+                    self.temp.as_c_str(),
+                    self.dir.as_fd(),
+                    self.name.as_c_str(),
+                    RenameFlags::RENAME_EXCHANGE,
+                )
+                .is_ok()
+                {
+                    at(&self.temp);
+                }
+            }
+            Undo::Keep => {}
+        }
+    }
+
+    /// The archive is in place: drop the file it replaced.
+    fn finish(self) {
+        if let Undo::SwapBack = self.undo {
+            let _ = nix::unistd::unlinkat(
+                self.dir.as_fd(),
+                self.temp.as_c_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+}
+
 /// A relative name for openat2: `.` for the destination itself.
 fn dot(rel: &[u8]) -> &[u8] {
     if rel.is_empty() { b"." } else { rel }
@@ -530,6 +587,15 @@ impl Unpacker {
             so_far.extend_from_slice(part);
             if self.symlinks.contains(&so_far) {
                 return Err(self.through_symlink(entry_name, &so_far));
+            }
+            if self.pending_index.contains_key(&so_far) {
+                return Err(FsError::new(
+                    FsErrorKind::NotADirectory,
+                    format!(
+                        "archive entry {entry_name:?} needs {} to be a directory, but an earlier entry of the archive is a file there",
+                        self.shown(&so_far)
+                    ),
+                ));
             }
             let name = path::cstring(part)?;
             let next = match path::resolve_beneath(&dir, part, OFlag::O_PATH | OFlag::O_DIRECTORY) {
@@ -813,43 +879,30 @@ impl Unpacker {
 
     /// Put everything in place: rename the pending entries, then give the
     /// directories their modes and times (deepest first, after their
-    /// contents changed).
+    /// contents changed). If one entry cannot be put in place, those
+    /// already renamed are undone (a replaced file is swapped back) and the
+    /// rest stay pending, for [`Unpacker::roll_back`].
     fn commit(&mut self) -> Result<(), FsError> {
         let pending = std::mem::take(&mut self.pending);
         self.pending_index.clear();
-        let mut failure = None;
-        for (rel, parent, temp) in &pending {
+        let mut placed = Vec::new();
+        for (i, (rel, parent, temp)) in pending.iter().enumerate() {
             if temp.is_empty() {
                 continue;
             }
-            let Some(name) = rel.rsplit(|b| *b == b'/').next() else {
-                continue;
-            };
-            let result =
-                path::resolve_beneath(&self.dest, dot(parent), OFlag::O_PATH | OFlag::O_DIRECTORY)
-                    .map_err(|e| errno_error(e, &self.shown(parent)))
-                    .and_then(|dir| {
-                        let name = path::cstring(name)?;
-                        nix::fcntl::renameat(
-                            dir.as_fd(),
-                            temp.as_c_str(),
-                            dir.as_fd(),
-                            name.as_c_str(),
-                        )
-                        .map_err(|e| errno_error(e, &self.shown(rel)))
-                        .inspect_err(|_| {
-                            let _ = nix::unistd::unlinkat(
-                                dir.as_fd(),
-                                temp.as_c_str(),
-                                UnlinkatFlags::NoRemoveDir,
-                            );
-                        })
-                    });
-            if let Err(err) = result
-                && failure.is_none()
-            {
-                failure = Some(err);
+            match self.place(rel, parent, temp) {
+                Ok(done) => placed.push(done),
+                Err(err) => {
+                    for done in placed.into_iter().rev() {
+                        done.undo();
+                    }
+                    self.pending = pending[i..].to_vec();
+                    return Err(err);
+                }
             }
+        }
+        for done in placed {
+            done.finish();
         }
         for (rel, mode, mtime) in self.dir_meta.iter().rev() {
             let Ok(dir) =
@@ -861,7 +914,67 @@ impl Unpacker {
             let t = nix::sys::time::TimeSpec::new(*mtime as i64, 0);
             let _ = nix::sys::stat::futimens(&dir, &t, &t);
         }
-        failure.map_or(Ok(()), Err)
+        Ok(())
+    }
+
+    /// Rename one pending entry into place, in a way that can be undone:
+    /// a new name is created without replacing anything, an existing one
+    /// is exchanged with the temporary name (its old file kept there until
+    /// the whole archive is in place).
+    fn place(&self, rel: &[u8], parent: &[u8], temp: &CStr) -> Result<Placed, FsError> {
+        let shown = self.shown(rel);
+        let base = rel.rsplit(|b| *b == b'/').next().unwrap_or_default();
+        let name = path::cstring(base)?;
+        let dir =
+            path::resolve_beneath(&self.dest, dot(parent), OFlag::O_PATH | OFlag::O_DIRECTORY)
+                .map_err(|e| errno_error(e, &self.shown(parent)))?;
+        let rename =
+            |flags| nix::fcntl::renameat2(dir.as_fd(), temp, dir.as_fd(), name.as_c_str(), flags);
+        let existing = || {
+            nix::sys::stat::fstatat(dir.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .ok()
+                .map(|st| kind_of(&st))
+        };
+        let undo = match rename(RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => Undo::Remove,
+            Err(Errno::EEXIST) => {
+                if existing() == Some(FileKind::Dir) {
+                    return Err(FsError::new(
+                        FsErrorKind::IsADirectory,
+                        format!(
+                            "archive entry {:?} is not a directory, but {shown} is one",
+                            String::from_utf8_lossy(rel)
+                        ),
+                    ));
+                }
+                match rename(RenameFlags::RENAME_EXCHANGE) {
+                    Ok(()) => Undo::SwapBack,
+                    // A file system that cannot exchange: replace for good.
+                    Err(Errno::EINVAL) => {
+                        rename(RenameFlags::empty()).map_err(|e| errno_error(e, &shown))?;
+                        Undo::Keep
+                    }
+                    Err(e) => return Err(errno_error(e, &shown)),
+                }
+            }
+            // A file system without RENAME_NOREPLACE.
+            Err(Errno::EINVAL) => {
+                let undo = if existing().is_some() {
+                    Undo::Keep
+                } else {
+                    Undo::Remove
+                };
+                rename(RenameFlags::empty()).map_err(|e| errno_error(e, &shown))?;
+                undo
+            }
+            Err(e) => return Err(errno_error(e, &shown)),
+        };
+        Ok(Placed {
+            dir,
+            name,
+            temp: temp.to_owned(),
+            undo,
+        })
     }
 
     /// Undo: remove every temporary file and the directories this archive
@@ -898,9 +1011,19 @@ impl Unpacker {
 /// Extract the uploaded tar archive into directory `path`.
 pub(crate) fn unpack(root: &Root, ctx: &Ctx, path: &str, owner: Owner) -> Result<FsDone, FsError> {
     let abs = root.absolute(path)?;
-    ops::make_dirs(root, &abs, 0o755, owner)?;
-    let dest = root.open_at(&abs, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)?;
-    ctx.send(FsReply::Ready { entry: None })?;
+    // The directories made for the destination go again if the archive
+    // is refused.
+    let made = ops::make_dirs(root, &abs, 0o755, owner)?;
+    let dest = match root
+        .open_at(&abs, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)
+        .and_then(|dest| ctx.send(FsReply::Ready { entry: None }).map(|()| dest))
+    {
+        Ok(dest) => dest,
+        Err(err) => {
+            ops::unmake_dirs(made);
+            return Err(err);
+        }
+    };
     let mut reader = UploadReader::new(ctx);
     let mut unpacker = Unpacker {
         dest,
@@ -934,13 +1057,11 @@ pub(crate) fn unpack(root: &Root, ctx: &Ctx, path: &str, owner: Owner) -> Result
     // Whatever follows the archive's end marker is read and dropped, so
     // the host's upload completes.
     let result = result.and_then(|counts| reader.drain().map(|()| counts));
-    match result {
-        Ok((entries, bytes)) => {
-            unpacker.commit()?;
-            Ok(FsDone::Transferred { bytes, entries })
-        }
+    match result.and_then(|counts| unpacker.commit().map(|()| counts)) {
+        Ok((entries, bytes)) => Ok(FsDone::Transferred { bytes, entries }),
         Err(err) => {
             unpacker.roll_back();
+            ops::unmake_dirs(made);
             Err(err)
         }
     }

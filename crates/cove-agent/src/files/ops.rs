@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use cove_protocol::MAX_CHUNK;
 use cove_protocol::fs::{FileKind, FsDone, FsEntry, FsError, FsErrorKind, FsReply};
@@ -120,6 +120,7 @@ pub(crate) fn list(
                     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                     Mode::empty(),
                 )
+                && !(hide_links && root.is_process_file(&child))
             {
                 stack.push((child, entry_path.clone(), level + 1));
             }
@@ -211,9 +212,20 @@ fn make_dir(
     }
 }
 
+/// Directories made by [`make_dirs`], each as its parent's descriptor and
+/// its name, outermost first.
+pub(crate) type MadeDirs = Vec<(OwnedFd, CString)>;
+
 /// `mkdir -p`: every missing directory of `abs`, each created relative to
 /// its parent's descriptor and the next looked up inside the root.
-pub(crate) fn make_dirs(root: &Root, abs: &str, mode: u32, owner: Owner) -> Result<(), FsError> {
+/// Returns the directories it created.
+pub(crate) fn make_dirs(
+    root: &Root,
+    abs: &str,
+    mode: u32,
+    owner: Owner,
+) -> Result<MadeDirs, FsError> {
+    let mut made = Vec::new();
     let mut prefix = String::new();
     for comp in abs.split('/').filter(|c| !c.is_empty() && *c != ".") {
         let parent_path = if prefix.is_empty() { "/" } else { &prefix };
@@ -224,9 +236,19 @@ pub(crate) fn make_dirs(root: &Root, abs: &str, mode: u32, owner: Owner) -> Resu
             continue;
         }
         let name = path::cstring(comp.as_bytes())?;
-        make_dir(&parent, &name, mode, owner, true, &prefix)?;
+        if make_dir(&parent, &name, mode, owner, true, &prefix)? {
+            made.push((parent, name));
+        }
     }
-    Ok(())
+    Ok(made)
+}
+
+/// Remove again (innermost first) the directories [`make_dirs`] made, those
+/// that are still empty.
+pub(crate) fn unmake_dirs(made: MadeDirs) {
+    for (parent, name) in made.into_iter().rev() {
+        let _ = nix::unistd::unlinkat(parent.as_fd(), name.as_c_str(), UnlinkatFlags::RemoveDir);
+    }
 }
 
 pub(crate) fn mkdir(
@@ -280,8 +302,12 @@ pub(crate) fn rename(root: &Root, from: &str, to: &str, overwrite: bool) -> Resu
                 to_dir.as_fd(),
                 to_name.as_c_str(),
             )
-            .map_err(|e| rename_error(e, &from, &to))
+            .map_err(|e| match e {
+                Errno::EXDEV => cross_device(&from_dir, &from_name, &to_dir, &from, &to),
+                e => rename_error(e, &from, &to),
+            })
         }
+        Err(Errno::EXDEV) => Err(cross_device(&from_dir, &from_name, &to_dir, &from, &to)),
         Err(e) => Err(rename_error(e, &from, &to)),
     }
 }
@@ -294,20 +320,112 @@ fn rename_error(errno: Errno, from: &str, to: &str) -> FsError {
             shown(from),
             shown(to)
         )),
-        Errno::EXDEV => FsError::new(
-            FsErrorKind::Io,
-            format!(
-                "{} and {} are on different file systems; copy instead",
-                shown(from),
-                shown(to)
-            ),
-        ),
         _ => errno_error(errno, to),
     }
 }
 
+/// The refusal of a move the kernel cannot do as a rename (`EXDEV`): the
+/// two paths are on different file systems, or `from` is a directory of
+/// an overlay's lower layer (the sandbox's image), which overlayfs cannot
+/// rename in place. Either way the client has to copy.
+fn cross_device(
+    from_dir: &OwnedFd,
+    from_name: &CStr,
+    to_dir: &OwnedFd,
+    from: &str,
+    to: &str,
+) -> FsError {
+    let same_mount = match (lstat_at(from_dir, from_name), nix::sys::stat::fstat(to_dir)) {
+        (Ok(st), Ok(to_st)) => {
+            kind_of(&st) == FileKind::Dir
+                && Mount::of(from_dir, from_name, &st) == Mount::of(to_dir, c"", &to_st)
+        }
+        _ => false,
+    };
+    let message = if same_mount {
+        format!(
+            "{} is a directory of the sandbox's image (an overlay lower layer), which cannot be renamed in place; copy it to {} instead",
+            shown(from),
+            shown(to)
+        )
+    } else {
+        format!(
+            "{} and {} are on different file systems, so it cannot be moved; copy it instead",
+            shown(from),
+            shown(to)
+        )
+    };
+    invalid(message)
+}
+
+/// The mount a file is on: its device, and the kernel's mount id where
+/// it reports one (Linux 5.8+). Two bind mounts of one file system share
+/// the device but not the mount id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mount {
+    dev: u64,
+    id: Option<u64>,
+}
+
+impl Mount {
+    /// The mount of `name` in `dir` (of `dir` itself when `name` is
+    /// empty), whose `lstat` is `st`.
+    fn of(dir: &impl AsFd, name: &CStr, st: &FileStat) -> Mount {
+        Mount {
+            dev: st.st_dev,
+            id: mount_id(dir, name),
+        }
+    }
+
+    /// Whether an entry on `child` (of kind `kind`) is on another mount
+    /// than its tree's. Devices are compared for directories only: an
+    /// overlay reports its lower layers' devices for files.
+    fn crossed_by(&self, child: &Mount, kind: FileKind) -> bool {
+        let other_id = matches!((self.id, child.id), (Some(a), Some(b)) if a != b);
+        other_id || (kind == FileKind::Dir && child.dev != self.dev)
+    }
+}
+
+fn mount_id(dir: &impl AsFd, name: &CStr) -> Option<u64> {
+    let mut flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT;
+    if name.is_empty() {
+        flags |= libc::AT_EMPTY_PATH;
+    }
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `name` is NUL-terminated and statx writes at most one
+    // `struct statx` into `stx`.
+    let rc = unsafe {
+        libc::statx(
+            dir.as_fd().as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statx succeeded, so it filled `stx` (zeroed before).
+    let stx = unsafe { stx.assume_init() };
+    (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
+fn mount_point(path: &str) -> FsError {
+    FsError::new(
+        FsErrorKind::PermissionDenied,
+        format!(
+            "{} is a mount point; a recursive remove does not cross file systems",
+            shown(path)
+        ),
+    )
+}
+
 /// Remove `path`; a directory needs `recursive` unless it is empty.
-/// A recursive removal does not cross into other file systems.
+/// A recursive removal does not cross into other file systems: the tree is
+/// walked first and a mount point anywhere in it refuses the whole removal
+/// before anything is removed (and each entry is checked again as it is
+/// removed, for a mount that appeared meanwhile).
 pub(crate) fn remove(root: &Root, ctx: &Ctx, path: &str, recursive: bool) -> Result<(), FsError> {
     let abs = root.absolute(path)?;
     let (parent, name) = root.parent(&abs)?;
@@ -324,13 +442,33 @@ pub(crate) fn remove(root: &Root, ctx: &Ctx, path: &str, recursive: bool) -> Res
             Mode::empty(),
         )
         .map_err(|e| errno_error(e, &abs))?;
-        empty_tree(ctx, &dir, &abs, st.st_dev, 0)?;
+        if root.is_process_file(&dir) {
+            return Err(path::process_file(&abs));
+        }
+        let top = Mount::of(&dir, c"", &st);
+        let parent_st = nix::sys::stat::fstat(&parent).map_err(|e| errno_error(e, &abs))?;
+        if Mount::of(&parent, c"", &parent_st).crossed_by(&top, FileKind::Dir) {
+            return Err(mount_point(&abs));
+        }
+        check_tree(ctx, &dir, &abs, &top, 0)?;
+        empty_tree(ctx, &dir, &abs, &top, 0)?;
     }
     nix::unistd::unlinkat(parent.as_fd(), name.as_c_str(), UnlinkatFlags::RemoveDir)
         .map_err(|e| errno_error(e, &abs))
 }
 
-fn empty_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, dev: u64, depth: u32) -> Result<(), FsError> {
+fn open_child(dir: &OwnedFd, name: &CStr, at: &str) -> Result<OwnedFd, FsError> {
+    nix::fcntl::openat(
+        dir.as_fd(),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| errno_error(e, at))
+}
+
+/// Refuse a tree that holds a mount point, before anything is removed.
+fn check_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, top: &Mount, depth: u32) -> Result<(), FsError> {
     ctx.check()?;
     if depth > 4 * MAX_DEPTH {
         return Err(invalid(format!("{} is nested too deeply", shown(at))));
@@ -340,24 +478,38 @@ fn empty_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, dev: u64, depth: u32) -> Resul
         let Ok(st) = lstat_at(dir, &name) else {
             continue;
         };
-        if kind_of(&st) == FileKind::Dir {
-            if st.st_dev != dev {
-                return Err(FsError::new(
-                    FsErrorKind::PermissionDenied,
-                    format!(
-                        "{} is a mount point; a recursive remove does not cross file systems",
-                        shown(&child_path)
-                    ),
-                ));
-            }
-            let child = nix::fcntl::openat(
-                dir.as_fd(),
-                name.as_c_str(),
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| errno_error(e, &child_path))?;
-            empty_tree(ctx, &child, &child_path, dev, depth + 1)?;
+        let kind = kind_of(&st);
+        if top.crossed_by(&Mount::of(dir, &name, &st), kind) {
+            let mut err = mount_point(&child_path);
+            err.message.push_str(" (nothing was removed)");
+            return Err(err);
+        }
+        if kind == FileKind::Dir {
+            let child = open_child(dir, &name, &child_path)?;
+            check_tree(ctx, &child, &child_path, top, depth + 1)?;
+        }
+    }
+    Ok(())
+}
+
+fn empty_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, top: &Mount, depth: u32) -> Result<(), FsError> {
+    ctx.check()?;
+    if depth > 4 * MAX_DEPTH {
+        return Err(invalid(format!("{} is nested too deeply", shown(at))));
+    }
+    for name in read_names(dir).map_err(|e| errno_error(e, at))? {
+        let child_path = join(at, &name.to_string_lossy());
+        let Ok(st) = lstat_at(dir, &name) else {
+            continue;
+        };
+        let kind = kind_of(&st);
+        // Checked again: a mount may have appeared since the walk.
+        if top.crossed_by(&Mount::of(dir, &name, &st), kind) {
+            return Err(mount_point(&child_path));
+        }
+        if kind == FileKind::Dir {
+            let child = open_child(dir, &name, &child_path)?;
+            empty_tree(ctx, &child, &child_path, top, depth + 1)?;
             nix::unistd::unlinkat(dir.as_fd(), name.as_c_str(), UnlinkatFlags::RemoveDir)
                 .map_err(|e| errno_error(e, &child_path))?;
         } else {
@@ -648,6 +800,15 @@ pub(crate) fn prepare_write(
         // Replacing a file keeps its mode and owner unless told otherwise.
         Some(st) if kind_of(st) == FileKind::File => {
             (st.st_mode & 0o7777, Some((st.st_uid, st.st_gid)))
+        }
+        Some(st) if kind_of(st) != FileKind::Symlink => {
+            // A device, FIFO or socket is not a file's content to replace
+            // (and /dev/null replaced by a file breaks the sandbox).
+            return Err(invalid(format!(
+                "{} is a {}; an upload replaces only a regular file or a symlink (remove it first to put a file there)",
+                shown(&abs),
+                kind_of(st).as_str().replace('_', " ")
+            )));
         }
         _ => (0o644, owner),
     };

@@ -15,7 +15,7 @@
 //!   its parent's descriptor.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use cove_protocol::fs::{FileKind, FsEntry, FsError, FsErrorKind};
@@ -31,6 +31,9 @@ pub(crate) const PATH_MAX: usize = libc::PATH_MAX as usize - 1;
 pub(crate) struct Root {
     fd: OwnedFd,
     cwd: String,
+    /// The root as the agent's `/proc/self/fd` links name it (empty for
+    /// `/`), to read the sandbox's own paths back from them.
+    prefix: String,
 }
 
 /// An error for `errno` from an operation on `path`.
@@ -178,14 +181,17 @@ impl Root {
         } else {
             format!("/{cwd}")
         };
-        Ok(Root { fd, cwd })
+        let prefix = prefix_of(&fd);
+        Ok(Root { fd, cwd, prefix })
     }
 
     /// A directory already open (an `O_PATH` or read descriptor) as a root.
     pub(crate) fn from_fd(fd: OwnedFd) -> Root {
+        let prefix = prefix_of(&fd);
         Root {
             fd,
             cwd: "/".into(),
+            prefix,
         }
     }
 
@@ -208,16 +214,43 @@ impl Root {
         Ok(abs)
     }
 
-    /// `openat2` of an absolute path inside the root.
+    /// `openat2` of an absolute path inside the root. Per-process files
+    /// in /proc are refused (see [`Root::is_process_file`]).
     pub(crate) fn open_at(&self, abs: &str, flags: OFlag, mode: u32) -> Result<OwnedFd, FsError> {
-        resolve(
+        let fd = resolve(
             &self.fd,
             relative(abs),
             flags,
             mode,
             ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS,
         )
-        .map_err(|e| errno_error(e, abs))
+        .map_err(|e| errno_error(e, abs))?;
+        if self.is_process_file(&fd) {
+            return Err(process_file(abs));
+        }
+        Ok(fd)
+    }
+
+    /// Whether `fd` is a per-process entry of procfs (`/proc/PID/…`,
+    /// `/proc/self/…`, `/proc/thread-self/…`). The agent is PID 1 of the
+    /// sandbox and reads them as itself: its environment, its memory, its
+    /// descriptors are not the sandbox's files. Judged by what `fd` is,
+    /// not by the path asked for, so a symlink elsewhere pointing into
+    /// /proc/1 is caught too.
+    pub(crate) fn is_process_file(&self, fd: &impl AsFd) -> bool {
+        if !on_procfs(fd) {
+            return false;
+        }
+        let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+        let Ok(target) = nix::fcntl::readlink(link.as_str()) else {
+            // Cannot tell: refuse rather than serve the agent's own files.
+            return true;
+        };
+        let target = target.as_bytes();
+        let Some(inside) = target.strip_prefix(self.prefix.as_bytes()) else {
+            return true;
+        };
+        is_process_path(inside)
     }
 
     /// The directory holding `abs` (resolved inside the root) and the
@@ -227,6 +260,38 @@ impl Root {
         let dir = self.open_at(parent, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)?;
         Ok((dir, cstring(name.as_bytes())?))
     }
+}
+
+/// The refusal of a per-process file in /proc.
+pub(crate) fn process_file(path: &str) -> FsError {
+    FsError::new(
+        FsErrorKind::PermissionDenied,
+        format!(
+            "{} is a per-process file under /proc, which the files API does not serve (it would be the agent's own); read it with exec",
+            shown(path)
+        ),
+    )
+}
+
+/// Whether `path` (as the kernel names an open file) is `/proc/PID`,
+/// `/proc/self` or `/proc/thread-self`, or below one of them.
+fn is_process_path(path: &[u8]) -> bool {
+    let Some(rest) = path.strip_prefix(b"/proc/") else {
+        return false;
+    };
+    let first = rest.split(|b| *b == b'/').next().unwrap_or_default();
+    first == b"self"
+        || first == b"thread-self"
+        || (!first.is_empty() && first.iter().all(u8::is_ascii_digit))
+}
+
+/// The path the kernel shows for the root `fd`, without a trailing `/`
+/// (empty for `/`).
+fn prefix_of(fd: &OwnedFd) -> String {
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    nix::fcntl::readlink(link.as_str())
+        .map(|p| p.to_string_lossy().trim_end_matches('/').to_string())
+        .unwrap_or_default()
 }
 
 /// The one place `openat2` is called.
@@ -360,5 +425,26 @@ mod tests {
         assert_eq!(join("/a", "x"), "/a/x");
         assert_eq!(relative("/"), ".");
         assert_eq!(relative("/a/b"), "a/b");
+    }
+
+    #[test]
+    fn process_paths() {
+        for path in [
+            "/proc/1",
+            "/proc/1/environ",
+            "/proc/self",
+            "/proc/thread-self/x",
+        ] {
+            assert!(is_process_path(path.as_bytes()), "{path}");
+        }
+        for path in [
+            "/proc",
+            "/proc/meminfo",
+            "/proc/sys/kernel",
+            "/proc/1x",
+            "/tmp/proc/1",
+        ] {
+            assert!(!is_process_path(path.as_bytes()), "{path}");
+        }
     }
 }

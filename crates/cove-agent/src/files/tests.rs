@@ -382,10 +382,18 @@ fn magic_links_are_refused() {
     let root = Arc::new(Root::open(Path::new("/"), "/").unwrap());
     let link = format!("/proc/self/fd/{}", file.as_file().as_raw_fd());
     assert_eq!(kind(read(&root, &link)), FsErrorKind::Escape);
-    assert_eq!(kind(write(&root, &link, b"x")), FsErrorKind::Escape);
+    // Writes resolve the parent, /proc/self/fd, first: a per-process
+    // directory, refused before the link is reached.
+    assert_eq!(
+        kind(write(&root, &link, b"x")),
+        FsErrorKind::PermissionDenied
+    );
     let dir_fd = std::fs::File::open(std::env::temp_dir()).unwrap();
     let through_dir = format!("/proc/self/fd/{}/planted", dir_fd.as_raw_fd());
-    assert_eq!(kind(write(&root, &through_dir, b"x")), FsErrorKind::Escape);
+    assert_eq!(
+        kind(write(&root, &through_dir, b"x")),
+        FsErrorKind::PermissionDenied
+    );
     let mkdir = op(
         &root,
         FsOp::Mkdir {
@@ -395,7 +403,7 @@ fn magic_links_are_refused() {
         },
         &[],
     );
-    assert_eq!(mkdir.err().kind, FsErrorKind::Escape);
+    assert_eq!(mkdir.err().kind, FsErrorKind::PermissionDenied);
     assert!(!std::env::temp_dir().join("planted").exists());
     let through = op(
         &root,
@@ -406,7 +414,7 @@ fn magic_links_are_refused() {
         &[],
     );
     assert_eq!(through.err().kind, FsErrorKind::Escape);
-    // Described without following, its target (a host path) is not shown.
+    // Not even described.
     let done = op(
         &root,
         FsOp::Stat {
@@ -415,10 +423,64 @@ fn magic_links_are_refused() {
         },
         &[],
     );
-    let Ok(FsDone::Entry(entry)) = done.result else {
-        panic!("{:?}", done.result)
-    };
-    assert_eq!((entry.kind, entry.link_target), (FileKind::Symlink, None));
+    assert_eq!(done.err().kind, FsErrorKind::PermissionDenied);
+}
+
+#[test]
+fn process_files_are_refused() {
+    // The agent would read its own environment, memory and descriptors:
+    // per-process /proc entries are refused, by what they are, however
+    // they are reached; the rest of /proc stays readable.
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/proc/self/environ", dir.path().join("env")).unwrap();
+    std::os::unix::fs::symlink("/proc/self", dir.path().join("me")).unwrap();
+    let root = Arc::new(Root::open(Path::new("/"), "/").unwrap());
+    let base = dir.path().display().to_string();
+    let pid = std::process::id();
+    for path in [
+        "/proc/self/environ".to_string(),
+        format!("/proc/{pid}/environ"),
+        "/proc/thread-self/environ".to_string(),
+        format!("{base}/env"),
+        format!("{base}/me/environ"),
+    ] {
+        let err = read(&root, &path).unwrap_err();
+        assert_eq!(err.kind, FsErrorKind::PermissionDenied, "{path}: {err:?}");
+        assert!(err.message.contains("read it with exec"), "{}", err.message);
+    }
+    let list = op(
+        &root,
+        FsOp::List {
+            path: "/proc/self".into(),
+            depth: 1,
+            limit: 10,
+        },
+        &[],
+    );
+    assert_eq!(list.err().kind, FsErrorKind::PermissionDenied);
+    let stat = op(
+        &root,
+        FsOp::Stat {
+            path: format!("{base}/me"),
+            follow: true,
+        },
+        &[],
+    );
+    assert_eq!(stat.err().kind, FsErrorKind::PermissionDenied);
+    let tar = tar_out(&root, &format!("/proc/{pid}/environ")).unwrap_err();
+    assert_eq!(tar.kind, FsErrorKind::PermissionDenied);
+    let meminfo = read(&root, "/proc/meminfo").unwrap();
+    assert!(String::from_utf8_lossy(&meminfo).contains("MemTotal"));
+    // Its symlink itself is an ordinary file of the sandbox.
+    let link = op(
+        &root,
+        FsOp::Stat {
+            path: format!("{base}/env"),
+            follow: false,
+        },
+        &[],
+    );
+    assert!(link.result.is_ok(), "{:?}", link.result);
 }
 
 /// A tar header whose name is written raw (the tar crate refuses to build
@@ -588,10 +650,84 @@ fn tar_entries_cannot_escape() {
     raw_entry(&mut out, "d/f", tar::EntryType::Regular, "", &[1u8; 5000]);
     let archive = out.into_inner().unwrap();
     assert!(untar(&root, "/dest3", &archive[..3000]).is_err());
+    // Not even the destination the request created.
+    assert!(!dir.path().join("dest3").exists());
+    assert!(!dir.path().join("dest2").exists());
+}
+
+#[test]
+fn a_refused_archive_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root(dir.path());
+    // A file entry, then an entry below it as if it were a directory.
+    let mut out = tar::Builder::new(Vec::new());
+    for name in ["aaa", "fd", "fd/x", "zzz"] {
+        raw_entry(&mut out, name, tar::EntryType::Regular, "", b"new");
+    }
+    let clash = out.into_inner().unwrap();
+    let err = untar(&root, "/a/b", &clash).unwrap_err();
+    assert_eq!(err.kind, FsErrorKind::NotADirectory, "{err:?}");
+    assert!(!dir.path().join("a").exists());
+    std::fs::create_dir(dir.path().join("old")).unwrap();
+    std::fs::write(dir.path().join("old/aaa"), "old").unwrap();
+    assert!(untar(&root, "/old", &clash).is_err());
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("old"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["aaa"]);
+    assert_eq!(std::fs::read(dir.path().join("old/aaa")).unwrap(), b"old");
+    // A good archive replaces the file.
+    let mut out = tar::Builder::new(Vec::new());
+    raw_entry(&mut out, "aaa", tar::EntryType::Regular, "", b"new");
+    untar(&root, "/old", &out.into_inner().unwrap()).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("old/aaa")).unwrap(), b"new");
     assert_eq!(
-        std::fs::read_dir(dir.path().join("dest3")).unwrap().count(),
-        0
+        std::fs::read_dir(dir.path().join("old")).unwrap().count(),
+        1
     );
+}
+
+#[test]
+fn a_recursive_remove_that_would_cross_a_mount_removes_nothing() {
+    // Needs a mount: a tmpfs below the tree.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("b/mnt")).unwrap();
+    std::fs::write(tree.join("a"), "a").unwrap();
+    std::fs::write(tree.join("b/c"), "c").unwrap();
+    let mnt = tree.join("b/mnt");
+    if nix::mount::mount(
+        Some("tmpfs"),
+        &mnt,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .is_err()
+    {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    std::fs::write(mnt.join("kept"), "k").unwrap();
+    let root = root(dir.path());
+    let done = op(
+        &root,
+        FsOp::Remove {
+            path: "/tree".into(),
+            recursive: true,
+        },
+        &[],
+    );
+    let err = done.err().clone();
+    let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH);
+    assert_eq!(err.kind, FsErrorKind::PermissionDenied, "{err:?}");
+    assert!(err.message.contains("mount point"), "{}", err.message);
+    assert!(tree.join("a").exists() && tree.join("b/c").exists());
 }
 
 #[test]

@@ -133,7 +133,8 @@ impl Watcher<'_> {
                 name.as_c_str(),
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
-            ) {
+            ) && !self.root.is_process_file(&child)
+            {
                 self.watch_tree(child, child_path, depth + 1, report)?;
             }
         }
