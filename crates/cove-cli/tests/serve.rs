@@ -943,3 +943,42 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing() {
     d.spawn();
     assert_eq!(d.sh(&first, "echo survived")["stdout"], "survived\n");
 }
+
+#[test]
+fn the_daemons_environment_does_not_reach_its_sandboxes() {
+    if !root() {
+        return;
+    }
+    let secret = format!("s3cr3t-{}", std::process::id());
+    let d = Daemon::start_with_env(vec![("COVE_TEST_SECRET".into(), secret.clone())]);
+    let id = d.create(json!({}));
+    // The agent is forked from the daemon's sandbox factory and keeps that
+    // process's environment block: it holds PATH only (and COVE_LOG when
+    // the daemon has one), nothing of the daemon's own.
+    let agents = d.agents();
+    assert!(!agents.is_empty(), "no agent found");
+    for pid in agents {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let vars: Vec<String> = environ
+            .split(|b| *b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        assert!(
+            vars.iter()
+                .all(|v| v.starts_with("PATH=") || v.starts_with("COVE_LOG=")),
+            "agent {pid} has {vars:?}"
+        );
+    }
+    // Nor does a command see it.
+    let r = d.sh(&id, "env; cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n'");
+    assert!(
+        !r["stdout"].as_str().unwrap().contains(&secret),
+        "{}",
+        r["stdout"]
+    );
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None).0,
+        204
+    );
+}

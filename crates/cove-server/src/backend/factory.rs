@@ -32,6 +32,10 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 
 use super::namespace::create_from;
 
+/// The only variable of the factory's (and so every agent's) environment,
+/// besides `COVE_LOG` when the daemon has it.
+pub(super) const AGENT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// `cove __sandbox-factory`: serve creation requests on fd 0 (a Unix
 /// socket to the daemon) until it closes. Called from `main` before any
 /// thread exists.
@@ -194,7 +198,15 @@ impl Factory {
 
     fn start(&self) -> std::io::Result<Running> {
         let (control, theirs) = UnixStream::pair()?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        // Sandboxes' agents are forked from the factory and keep its
+        // environment block (`/proc/1/environ` in the sandbox): none of the
+        // daemon's variables, which may hold secrets, go with it.
+        command.env_clear().env("PATH", AGENT_PATH);
+        if let Some(filter) = std::env::var_os("COVE_LOG") {
+            command.env("COVE_LOG", filter);
+        }
+        let child = command
             .arg("__sandbox-factory")
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())

@@ -115,6 +115,9 @@ impl NamespaceBackend {
     /// Create through a one-shot `cove __create-sandbox`.
     async fn create_with_helper(&self, input: &[u8]) -> Result<serde_json::Value, BackendError> {
         let mut child = tokio::process::Command::new(&self.helper)
+            // As the factory's: the agent keeps this environment block.
+            .env_clear()
+            .env("PATH", super::factory::AGENT_PATH)
             .arg("__create-sandbox")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
