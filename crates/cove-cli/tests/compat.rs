@@ -1000,3 +1000,264 @@ fn paging_expiry_stderr_streams_and_unreachable_agents() {
     assert_eq!(s, 502, "{e}");
     assert!(e["message"].is_string() && !native_envelope(&e), "{e}");
 }
+
+// ------------------------------------------------- faults found by probing
+
+/// GBOX: a refused create leaves no box; a box whose sandbox never ran can
+/// still be deleted; sizes that do not fit are refused at create; a
+/// working directory the template lacks is made; absurd pages are empty;
+/// concurrent starts of one box never answer 500.
+#[test]
+fn gbox_refused_creates_sizes_working_dirs_and_racing_starts() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let gb = |method: &str, path: &str, body: Option<Value>| {
+        send(&d, method, path, body, ("bearer", &key))
+    };
+    let all = || {
+        let (s, list) = gb("GET", "/api/v1/boxes?status=all&pageSize=100", None);
+        assert_eq!(s, 200, "{list}");
+        list["total"].as_u64().unwrap()
+    };
+    let before = all();
+    for config in [
+        json!({"memory": 1}),
+        json!({"memory": 1.5}),
+        json!({"memory": 17_592_186_044_416u64}),
+        json!({"storage": 17_179_869_184u64}),
+        json!({"cpu": 1000000}),
+        json!({"envs": {"A=B": "c"}}),
+    ] {
+        let (s, e) = gb(
+            "POST",
+            "/api/v1/boxes/linux",
+            Some(json!({ "config": config })),
+        );
+        assert_eq!(s, 400, "{config}: {e}");
+        assert!(e["message"].is_string(), "{e}");
+    }
+    assert_eq!(all(), before, "a refused create left a box");
+
+    // The working directory is made when the template lacks it.
+    let (s, b) = gb(
+        "POST",
+        "/api/v1/boxes/linux",
+        Some(json!({"config": {"workingDir": "/home/user/projects"}})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let (s, r) = gb(
+        "POST",
+        &format!("/api/v1/boxes/{id}/commands"),
+        Some(json!({"command": "pwd"})),
+    );
+    assert_eq!(
+        (s, r["stdout"].as_str()),
+        (200, Some("/home/user/projects\n")),
+        "{r}"
+    );
+
+    // Starts racing each other: one wins, the others are told so (4xx).
+    assert_eq!(gb("POST", &format!("/api/v1/boxes/{id}/stop"), None).0, 200);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..5)
+            .map(|_| scope.spawn(|| gb("POST", &format!("/api/v1/boxes/{id}/start"), None).0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s < 500), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    let (s, b) = gb("GET", &format!("/api/v1/boxes/{id}"), None);
+    assert_eq!((s, b["status"].as_str()), (200, Some("running")), "{b}");
+
+    // Pages past the end (even absurd ones) are empty, not wrapped round.
+    let (s, page) = gb(
+        "GET",
+        "/api/v1/boxes?status=all&page=18446744073709551615&pageSize=18446744073709551615",
+        None,
+    );
+    assert_eq!(
+        (s, page["data"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{page}"
+    );
+
+    assert_eq!(gb("DELETE", &format!("/api/v1/boxes/{id}"), None).0, 204);
+    assert_eq!(all(), before);
+    d.assert_nothing_left();
+}
+
+/// Hyperfleet: a memory size cove cannot honour is refused at create,
+/// concurrent starts never answer 500, a timeout under a millisecond still
+/// times out, and a machine stopped under a running exec answers as
+/// stopped, not as an unreachable agent.
+#[test]
+fn hyperfleet_sizes_racing_starts_tiny_timeouts_and_stops_mid_exec() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let hf = |method: &str, path: &str, body: Option<Value>| {
+        send(&d, method, path, body, ("bearer", &key))
+    };
+    for mem in [json!(4), json!(17_592_186_044_416u64)] {
+        let (s, e) = hf(
+            "POST",
+            "/machines",
+            Some(json!({"name": format!("m{mem}"), "mem_size_mib": mem})),
+        );
+        assert_eq!(s, 400, "{mem}: {e}");
+    }
+    let (s, m) = hf("POST", "/machines", Some(json!({"name": "race"})));
+    assert_eq!(s, 201, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..5)
+            .map(|_| scope.spawn(|| hf("POST", &format!("/machines/{id}/start"), None).0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s < 500), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+
+    let (s, r) = hf(
+        "POST",
+        &format!("/machines/{id}/exec"),
+        Some(json!({"command": ["sleep", "2"], "timeout": 0.0001})),
+    );
+    assert_eq!(s, 504, "a 0.1 ms timeout was taken for none: {r}");
+
+    // Stopped while a command runs: the exec says the machine stopped.
+    let stopper = std::thread::scope(|scope| {
+        let exec = scope.spawn(|| {
+            hf(
+                "POST",
+                &format!("/machines/{id}/exec"),
+                Some(json!({"command": ["sleep", "30"]})),
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_eq!(hf("POST", &format!("/machines/{id}/stop"), None).0, 200);
+        exec.join().unwrap()
+    });
+    assert_ne!(stopper.0, 502, "{stopper:?}");
+    assert_eq!(hf("DELETE", &format!("/machines/{id}"), None).0, 204);
+    d.assert_nothing_left();
+}
+
+/// Declaw: a run-stream whose client goes away ends its command; wrong
+/// types are 400; a sandbox killed under a command answers 410; pages
+/// hold `limit` live sandboxes even with killed ones among them.
+#[test]
+fn declaw_stream_disconnects_types_kills_and_pages() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let key = d.admin.clone();
+    let dc = |method: &str, path: &str, body: Option<Value>| {
+        send(&d, method, path, body, ("x-api-key", &key))
+    };
+    let new_sandbox = || {
+        let (s, sb) = dc("POST", "/sandboxes", Some(json!({})));
+        assert_eq!(s, 201, "{sb}");
+        sb["sandbox_id"].as_str().unwrap().to_string()
+    };
+    let id = new_sandbox();
+
+    // A run-stream dropped by its client ends its command, even a silent one.
+    let tag = format!("777.{}", std::process::id());
+    let resp = d
+        .http
+        .post(format!("{}/sandboxes/{id}/commands/stream", d.url))
+        .header("X-API-Key", &key)
+        .header("Content-Type", "application/json")
+        .body(json!({ "cmd": format!("sleep {tag}") }).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(common::host_has_process_with(&tag));
+    drop(resp);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::host_has_process_with(&tag) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !common::host_has_process_with(&tag),
+        "the command outlived its stream"
+    );
+
+    // Wrong types are refused, not taken for false.
+    for body in [
+        json!({"cmd": "ls", "background": "true"}),
+        json!({"cmd": "ls", "background": 1}),
+    ] {
+        let (s, e) = dc(
+            "POST",
+            &format!("/sandboxes/{id}/commands"),
+            Some(body.clone()),
+        );
+        assert_eq!(s, 400, "{body}: {e}");
+    }
+    let (s, e) = dc("POST", "/sandboxes", Some(json!([])));
+    assert_eq!(s, 400, "{e}");
+
+    // Killed under a running command: 410, as for any route of a killed sandbox.
+    let (s, r) = std::thread::scope(|scope| {
+        let exec = scope.spawn(|| {
+            dc(
+                "POST",
+                &format!("/sandboxes/{id}/commands"),
+                Some(json!({"cmd": "sleep 30"})),
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_eq!(dc("DELETE", &format!("/sandboxes/{id}"), None).0, 204);
+        exec.join().unwrap()
+    });
+    assert_eq!(s, 410, "{r}");
+
+    // Pages of live sandboxes, with killed ones among them.
+    let ids: Vec<String> = (0..4).map(|_| new_sandbox()).collect();
+    assert_eq!(dc("DELETE", &format!("/sandboxes/{}", ids[1]), None).0, 204);
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (s, page) = dc(
+            "GET",
+            &format!("/sandboxes?limit=1&next_token={token}"),
+            None,
+        );
+        assert_eq!(s, 200, "{page}");
+        let items = page["sandboxes"].as_array().unwrap();
+        match page["next_token"].as_str() {
+            Some(next) => {
+                assert_eq!(items.len(), 1, "a short page before the end: {page}");
+                token = next.to_string();
+            }
+            None => {
+                seen.extend(
+                    items
+                        .iter()
+                        .map(|s| s["sandbox_id"].as_str().unwrap().to_string()),
+                );
+                break;
+            }
+        }
+        seen.extend(
+            items
+                .iter()
+                .map(|s| s["sandbox_id"].as_str().unwrap().to_string()),
+        );
+    }
+    assert_eq!(seen, vec![ids[0].clone(), ids[2].clone(), ids[3].clone()]);
+    for id in [&ids[0], &ids[2], &ids[3]] {
+        assert_eq!(dc("DELETE", &format!("/sandboxes/{id}"), None).0, 204);
+    }
+    d.assert_nothing_left();
+}

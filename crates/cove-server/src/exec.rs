@@ -60,7 +60,12 @@ pub fn process_spec(req: &ExecRequest) -> Result<(ProcessSpec, Option<Vec<u8>>),
     spec.clear_env = req.clear_env;
     spec.cwd = req.cwd.clone();
     spec.user = req.user.clone();
-    spec.timeout_ms = req.timeout.map(|t| t.0.as_millis() as u64).unwrap_or(0);
+    // Whole milliseconds, rounded up: a timeout under 1 ms is 1 ms, never
+    // 0 (which means none).
+    spec.timeout_ms = req
+        .timeout
+        .map(|t| u64::try_from(t.0.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+        .unwrap_or(0);
     spec.max_output = Some(max_output);
     spec.pty = req.pty.map(|p| PtySize {
         rows: p.rows,
@@ -253,6 +258,18 @@ mod tests {
         r.stdin = None;
         r.max_output = Some(MAX_MAX_OUTPUT + 1);
         assert!(process_spec(&r).is_err());
+        // A timeout under a millisecond is one, not none.
+        let mut r = req(Some("sleep 2"), None);
+        r.timeout = Some(cove_api::DurationValue(std::time::Duration::from_micros(
+            100,
+        )));
+        assert_eq!(process_spec(&r).unwrap().0.timeout_ms, 1);
+        r.timeout = Some(cove_api::DurationValue(std::time::Duration::from_micros(
+            1500,
+        )));
+        assert_eq!(process_spec(&r).unwrap().0.timeout_ms, 2);
+        r.timeout = Some(cove_api::DurationValue(std::time::Duration::ZERO));
+        assert_eq!(process_spec(&r).unwrap().0.timeout_ms, 0);
     }
 
     #[test]

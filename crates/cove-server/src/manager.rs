@@ -234,6 +234,9 @@ pub struct ListFilter {
     pub limit: usize,
     /// `<created_at ms>:<id>` of the last item of the previous page.
     pub after: Option<(i64, String)>,
+    /// Only sandboxes that have not ended (before the page is cut, so a
+    /// page holds `limit` of them when there are that many).
+    pub live_only: bool,
 }
 
 impl Manager {
@@ -354,7 +357,7 @@ impl Manager {
             seen.insert(view.id.clone());
             items.push((entry.created_ms, view));
         }
-        if filter.state.is_none_or(|s| s.is_final()) {
+        if !filter.live_only && filter.state.is_none_or(|s| s.is_final()) {
             let owner = if who.is_admin() {
                 None
             } else {
@@ -367,7 +370,8 @@ impl Manager {
             }
         }
         items.retain(|(_, s)| {
-            filter.state.is_none_or(|st| s.state == st)
+            !(filter.live_only && s.state.is_final())
+                && filter.state.is_none_or(|st| s.state == st)
                 && filter
                     .labels
                     .iter()
@@ -615,7 +619,20 @@ impl Manager {
             expires_at,
         };
         let view = view_from_row(&row);
-        self.inner.store.insert_sandbox(row).await?;
+        match self.inner.store.insert_sandbox(row).await {
+            Ok(()) => {}
+            // Another create of the same fixed ID (two `start`s of one
+            // machine at once) got there first.
+            Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("sandbox {id} is already being created"),
+                ));
+            }
+            Err(err) => return Err(err.into()),
+        }
         let entry = Arc::new(Entry {
             id: id.clone(),
             owner: who.owner.clone(),
@@ -683,7 +700,9 @@ impl Manager {
         prepared: Option<cove_net::Prepared>,
     ) -> Result<(), ApiError> {
         let id = spec.id.clone();
+        let begun = std::time::Instant::now();
         let created = backend.create(spec).await;
+        let created_at = begun.elapsed();
         let result = match created {
             Ok(instance) => match self.attach_network(&id, instance.as_ref(), prepared).await {
                 Ok(()) => {
@@ -715,6 +734,12 @@ impl Manager {
         };
         match result {
             Ok((instance, agent)) => {
+                tracing::debug!(
+                    %id,
+                    backend_us = created_at.as_micros() as u64,
+                    total_us = begun.elapsed().as_micros() as u64,
+                    "sandbox started (backend: the sandbox made; total: and its network attached, its agent greeted, its state written)"
+                );
                 *lock(&entry.instance) = Some(instance.clone());
                 *lock(&entry.agent) = Some(agent);
                 entry.set(SandboxState::Running, None);
@@ -993,6 +1018,31 @@ impl Manager {
         let agent = connect(instance.as_ref()).await?;
         *lock(&entry.agent) = Some(agent.clone());
         Ok((entry, agent))
+    }
+
+    /// An error of a request to `entry`'s agent as its client should see
+    /// it: a connection lost because the sandbox was stopped meanwhile
+    /// (deleted, killed, its TTL ran out) is that state's error (410), not
+    /// an unreachable agent (502), which clients take for a fault to retry.
+    pub async fn agent_error(&self, entry: &Entry, err: ApiError) -> ApiError {
+        if err.code != ErrorCode::AgentUnreachable {
+            return err;
+        }
+        // The stop that cut the connection may not have been recorded yet.
+        let mut rx = entry.state.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(250),
+            rx.wait_for(|s| *s != SandboxState::Running),
+        )
+        .await;
+        match entry.state() {
+            SandboxState::Running => err,
+            other => {
+                let mut ended = state_error(&entry.id, other);
+                ended.message.push_str("; what ran in it was ended with it");
+                ended
+            }
+        }
     }
 
     /// A new, private connection to a running sandbox's agent, for a

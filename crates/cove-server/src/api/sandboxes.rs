@@ -116,6 +116,7 @@ pub async fn list(
         labels,
         limit,
         after,
+        live_only: false,
     };
     Ok(Json(state.manager.list(who, filter).await?))
 }
@@ -288,11 +289,14 @@ pub async fn exec(
         ));
     }
     let (spec, stdin) = exec::process_spec(&req)?;
-    let (_entry, agent) = state.manager.agent(who, &id).await?;
+    let (entry, agent) = state.manager.agent(who, &id).await?;
     let metrics = state.manager.metrics().clone();
     metrics.execs.inc();
     let started = Instant::now();
-    let output = exec::run(&agent, spec, stdin).await?;
+    let output = match exec::run(&agent, spec, stdin).await {
+        Ok(output) => output,
+        Err(err) => return Err(state.manager.agent_error(&entry, err).await),
+    };
     metrics
         .exec_seconds
         .observe(started.elapsed().as_secs_f64());

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Call, run, seconds, text};
+use super::{Call, boolean, run, seconds, text};
 use crate::api::AppState;
 use crate::error::ApiError;
 use crate::exec;
@@ -160,7 +160,7 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
         async {
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::SandboxesWrite)?;
-            let body: Value = call.json()?;
+            let body = call.object()?;
             let template = match body.get("template") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(t)) if matches!(t.as_str(), "" | "base" | "default") => None,
@@ -190,10 +190,7 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
                     ));
                 }
             };
-            let auto_resume = lifecycle
-                .get("auto_resume")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+            let auto_resume = boolean(&lifecycle, "auto_resume")?;
             let network = match body.get("network").filter(|n| !n.is_null()) {
                 None => cove_api::NetworkRequest::default(),
                 Some(network) => declaw_network(network)?,
@@ -251,15 +248,11 @@ async fn list(State(state): State<AppState>, req: Request) -> Response {
                         labels: Vec::new(),
                         limit,
                         after,
+                        live_only: true,
                     },
                 )
                 .await?;
-            let live: Vec<Value> = page
-                .sandboxes
-                .iter()
-                .filter(|s| !s.state.is_final())
-                .map(sandbox_json)
-                .collect();
+            let live: Vec<Value> = page.sandboxes.iter().map(sandbox_json).collect();
             Ok(
                 axum::Json(json!({ "sandboxes": live, "next_token": page.next_cursor }))
                     .into_response(),
@@ -344,10 +337,7 @@ fn exec_request(body: &Value) -> Result<ExecRequest, ApiError> {
             Some(_) => return Err(ApiError::invalid("user must be a string")),
         },
         timeout: (!timeout.is_zero()).then_some(DurationValue(timeout)),
-        background: body
-            .get("background")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        background: boolean(body, "background")?,
         ..ExecRequest::default()
     };
     match body.get("stdin") {
@@ -357,7 +347,7 @@ fn exec_request(body: &Value) -> Result<ExecRequest, ApiError> {
         Some(Value::String(data)) => req.stdin = Some(data.clone()),
         Some(_) => return Err(ApiError::invalid("stdin must be a boolean or a string")),
     }
-    if body.get("stdin_open").and_then(Value::as_bool) == Some(true) {
+    if boolean(body, "stdin_open")? {
         req.stdin_open = true;
     }
     if req.stdin_open && !req.background {
@@ -371,7 +361,7 @@ async fn commands(State(state): State<AppState>, Path(id): Path<String>, req: Re
         async {
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::Exec)?;
-            let req = exec_request(&call.json()?)?;
+            let req = exec_request(&call.object()?)?;
             if req.background {
                 let response = crate::api::processes::start_background(&state, who, &id, req).await?;
                 // Declaw answers a background start with 200 and {"pid": …}.
@@ -449,7 +439,7 @@ async fn send_stdin(
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::Exec)?;
             let pid = parse_pid(&pid)?;
-            let body: Value = call.json()?;
+            let body = call.object()?;
             let data = match body.get("data") {
                 Some(Value::String(d)) => d.clone(),
                 _ => return Err(ApiError::invalid("data must be a string")),
@@ -483,7 +473,7 @@ async fn run_stream(
         async {
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::Exec)?;
-            let mut req = exec_request(&call.json()?)?;
+            let mut req = exec_request(&call.object()?)?;
             req.background = false;
             let (spec, stdin) = exec::process_spec(&req)?;
             let (_entry, agent) = state.manager.fresh_agent(who, &id).await?;
@@ -492,9 +482,15 @@ async fn run_stream(
             let pid = process.pid();
             let (tx, rx) = mpsc::channel::<Event>(8);
             tokio::spawn(async move {
-                let _agent = agent;
+                // A foreground command: a client that goes away (even
+                // while the command is silent) takes it down with it.
+                let guard = exec::KillOnDrop::new(agent.clone(), pid);
                 loop {
-                    let event = match process.next_event().await {
+                    let next = tokio::select! {
+                        next = process.next_event() => next,
+                        () = tx.closed() => return,
+                    };
+                    let event = match next {
                         Ok(ProcessEvent::Output { stream, data, .. }) => {
                             Event::default().event(stream.name()).data(
                                 json!({ "stream": stream.name(), "data": text(&data) }).to_string(),
@@ -502,6 +498,7 @@ async fn run_stream(
                         }
                         Ok(ProcessEvent::Dropped { .. }) => continue,
                         Ok(ProcessEvent::Exited(status)) => {
+                            guard.disarm();
                             let exit = json!({ "exit_code": status.shell_code(), "pid": pid });
                             let _ = tx
                                 .send(Event::default().event("exit").data(exit.to_string()))

@@ -146,8 +146,12 @@ fn sandbox_request(spec: &Value) -> CreateSandboxRequest {
         labels: serde_json::from_value(spec["labels"].clone()).unwrap_or_default(),
         cwd: spec["workingDir"].as_str().map(String::from),
         cpus: spec["cpu"].as_f64(),
-        memory: spec["memory"].as_u64().map(|mib| SizeValue(mib << 20)),
-        disk: spec["storage"].as_u64().map(|gib| SizeValue(gib << 30)),
+        memory: spec["memory"]
+            .as_u64()
+            .map(|mib| SizeValue(mib.saturating_mul(1 << 20))),
+        disk: spec["storage"]
+            .as_u64()
+            .map(|gib| SizeValue(gib.saturating_mul(1 << 30))),
         timeout: spec["expiresInMs"]
             .as_u64()
             .map(|ms| DurationValue(Duration::from_millis(ms))),
@@ -160,7 +164,7 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
         async {
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::SandboxesWrite)?;
-            let body: Value = call.json()?;
+            let body = call.object()?;
             let wait = match body.get("wait") {
                 None | Some(Value::Null) => true,
                 Some(Value::Bool(b)) => *b,
@@ -187,22 +191,35 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
                     ));
                 }
             };
-            let number = |field: &str| -> Result<Option<Value>, ApiError> {
-                match config.get(field) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(v) if v.as_f64().is_some_and(|n| n > 0.0) => Ok(Some(v.clone())),
-                    Some(v) => Err(ApiError::invalid(format!(
-                        "config.{field} must be a positive number, not {v}"
-                    ))),
+            let cpu = match config.get("cpu") {
+                None | Some(Value::Null) => None,
+                Some(v) if v.as_f64().is_some_and(|n| n > 0.0 && n <= 1024.0) => Some(v.clone()),
+                Some(v) => {
+                    return Err(ApiError::invalid(format!(
+                        "config.cpu must be a number of CPUs above 0 and at most 1024, not {v}"
+                    )));
                 }
+            };
+            // Whole MiB and GiB, small enough to count in bytes.
+            let size = |field: &str, unit: &str, shift: u32, least: u64| match config.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v)
+                    if v.as_u64()
+                        .is_some_and(|n| n >= least && n.checked_mul(1 << shift).is_some()) =>
+                {
+                    Ok(Some(v.clone()))
+                }
+                Some(v) => Err(ApiError::invalid(format!(
+                    "config.{field} must be a whole number of {unit}, at least {least}, not {v}"
+                ))),
             };
             let spec = json!({
                 "envs": string_map(config.get("envs"), "config.envs")?,
                 "labels": string_map(config.get("labels"), "config.labels")?,
                 "workingDir": working_dir,
-                "cpu": number("cpu")?,
-                "memory": number("memory")?,
-                "storage": number("storage")?,
+                "cpu": cpu,
+                "memory": size("memory", "MiB", 20, 8)?,
+                "storage": size("storage", "GiB", 30, 1)?,
                 "expiresInMs": expires.map(|d| d.as_millis() as u64),
             });
             let name = crate::engine::new_id();
@@ -210,7 +227,11 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
                 .await?
                 .ok_or_else(|| ApiError::internal("a box with that name already exists"))?;
             let start = machines::start(&state, who, &row, sandbox_request(&spec), false);
-            start.await?;
+            if let Err(err) = start.await {
+                // A create that is refused makes no box.
+                let _ = machines::remove(&state, &row).await;
+                return Err(err);
+            }
             if wait {
                 let reached = state
                     .manager
@@ -307,7 +328,7 @@ async fn list(State(state): State<AppState>, req: Request) -> Response {
             let total = boxes.len();
             let data: Vec<Value> = boxes
                 .iter()
-                .skip((page - 1) * page_size)
+                .skip((page - 1).saturating_mul(page_size))
                 .take(page_size)
                 .map(box_json)
                 .collect();
@@ -410,7 +431,7 @@ async fn commands(State(state): State<AppState>, Path(id): Path<String>, req: Re
         async {
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::Exec)?;
-            let body: Value = call.json()?;
+            let body = call.object()?;
             let command = match body.get("command") {
                 Some(Value::String(c)) if !c.trim().is_empty() => c.clone(),
                 Some(Value::Array(items)) if !items.is_empty() => {

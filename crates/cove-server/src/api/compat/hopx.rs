@@ -59,7 +59,7 @@ async fn commands_run(
     let result = async {
         let call = Call::accept(&state, req).await?;
         let who = call.require(Scope::Exec)?;
-        let body: Value = call.json()?;
+        let body = call.object()?;
         let command = match body.get("command") {
             Some(Value::String(c)) if !c.trim().is_empty() => c.clone(),
             Some(Value::String(_)) | None | Some(Value::Null) => {

@@ -126,7 +126,7 @@ fn sandbox_request(m: &Machine) -> CreateSandboxRequest {
         }),
         memory: spec["mem_size_mib"]
             .as_u64()
-            .map(|mib| SizeValue(mib << 20)),
+            .map(|mib| SizeValue(mib.saturating_mul(1 << 20))),
         labels,
         // Published on the host's 127.0.0.1, on ports the kernel picks
         // (GET /v1/sandboxes/{id} shows them); the machine has no egress.
@@ -153,7 +153,7 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
         async {
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::SandboxesWrite)?;
-            let body: Value = call.json()?;
+            let body = call.object()?;
             let name = match &body["name"] {
                 Value::String(n) if !n.trim().is_empty() => n.trim().to_string(),
                 Value::Null => return Err(validation("name is required")),
@@ -166,12 +166,18 @@ async fn create(State(state): State<AppState>, req: Request) -> Response {
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| validation("vcpu_count must be an integer of at least 1"))?,
             };
+            // cove's smallest memory limit is 8 MiB; the largest is what
+            // still counts in bytes.
             let mem = match &body["mem_size_mib"] {
                 Value::Null => 512,
                 v => v
                     .as_u64()
-                    .filter(|n| *n >= 4)
-                    .ok_or_else(|| validation("mem_size_mib must be an integer of at least 4"))?,
+                    .filter(|n| *n >= 8 && n.checked_mul(1 << 20).is_some())
+                    .ok_or_else(|| {
+                        validation(format!(
+                            "mem_size_mib must be a whole number of MiB, at least 8, not {v}"
+                        ))
+                    })?,
             };
             let ports = match &body["exposed_ports"] {
                 Value::Null => json!([]),
@@ -391,7 +397,7 @@ async fn exec(State(state): State<AppState>, Path(id): Path<String>, req: Reques
         async {
             let call = Call::accept(&state, req).await?;
             let who = call.require(Scope::Exec)?;
-            let body: Value = call.json()?;
+            let body = call.object()?;
             let command = match body.get("command").or_else(|| body.get("cmd")) {
                 Some(Value::Array(items)) if !items.is_empty() => items
                     .iter()

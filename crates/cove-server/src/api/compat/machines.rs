@@ -172,6 +172,8 @@ pub(crate) async fn start(
         .await
     {
         Ok(_) => Ok(()),
+        // A concurrent start of the same machine won: its status stands.
+        Err(err) if err.code == ErrorCode::Conflict => Err(err),
         Err(err) => {
             state
                 .manager
@@ -192,7 +194,13 @@ pub(crate) async fn stop(
     status: &str,
     reason: &str,
 ) -> Result<(), ApiError> {
-    state.manager.stop_with_reason(who, &row.id, reason).await?;
+    match state.manager.stop_with_reason(who, &row.id, reason).await {
+        Ok(()) => {}
+        // No sandbox to stop: never started, failed to start, or ended
+        // and forgotten. The machine's own row still changes.
+        Err(err) if err.code == ErrorCode::NotFound => {}
+        Err(err) => return Err(err),
+    }
     state
         .manager
         .store()

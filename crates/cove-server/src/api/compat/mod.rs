@@ -89,6 +89,18 @@ impl Call {
         super::extract::parse_json(&self.body)
     }
 
+    /// The body as a JSON object (what every dialect's requests are): an
+    /// array, a string or a number is a 400 naming what was expected.
+    pub fn object(&self) -> Result<serde_json::Value, ApiError> {
+        let body: serde_json::Value = self.json()?;
+        if !body.is_object() {
+            return Err(ApiError::invalid(
+                "the request body must be a JSON object ({...})",
+            ));
+        }
+        Ok(body)
+    }
+
     /// A query parameter.
     pub fn query(&self, name: &str) -> Option<String> {
         let query = self.parts.uri.query()?;
@@ -158,15 +170,30 @@ pub(crate) async fn run(
     req: ExecRequest,
 ) -> Result<Output, ApiError> {
     let (spec, stdin) = exec::process_spec(&req)?;
-    let (_entry, agent) = state.manager.agent(who, id).await?;
+    let (entry, agent) = state.manager.agent(who, id).await?;
     let metrics = state.manager.metrics().clone();
     metrics.execs.inc();
     let started = Instant::now();
-    let output = exec::run(&agent, spec, stdin).await?;
+    let output = match exec::run(&agent, spec, stdin).await {
+        Ok(output) => output,
+        Err(err) => return Err(state.manager.agent_error(&entry, err).await),
+    };
     metrics
         .exec_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok(output)
+}
+
+/// A boolean field of a dialect's request: absent or null is `false`;
+/// anything but `true` or `false` is a 400 (not silently `false`).
+pub(crate) fn boolean(body: &serde_json::Value, field: &str) -> Result<bool, ApiError> {
+    match body.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::invalid(format!(
+            "{field} must be true or false, not {other}"
+        ))),
+    }
 }
 
 /// Seconds as the dialects write them (a number, possibly fractional).
