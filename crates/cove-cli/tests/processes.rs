@@ -849,3 +849,69 @@ fn an_interactive_shell_on_a_real_terminal() {
         "the shell's exit code passes through"
     );
 }
+
+#[test]
+fn malformed_pids_and_plain_requests_to_attach_get_json_errors() {
+    if !root() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = d.create(json!({}));
+    for pid in ["abc", "-1", "4294967296", "1.5"] {
+        for tail in ["", "/wait", "/signal"] {
+            let method = if tail.is_empty() { "GET" } else { "POST" };
+            let (s, e) = d.call(
+                method,
+                &format!("/v1/sandboxes/{id}/processes/{pid}{tail}"),
+                None,
+            );
+            assert_eq!(s, 400, "{pid}{tail}: {e}");
+            assert_eq!(e["error"]["code"], "invalid_request", "{pid}{tail}: {e}");
+        }
+    }
+    // attach without a WebSocket handshake
+    let pid = background(&d, &id, json!({"argv": ["sleep", "30"]}));
+    let (s, e) = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/processes/{pid}/attach"),
+        None,
+    );
+    assert_eq!(s, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("WebSocket"),
+        "{e}"
+    );
+
+    // stdin/close answers with the pipe closed.
+    let pid = background(
+        &d,
+        &id,
+        json!({"argv": ["sleep", "30"], "stdin_open": true}),
+    );
+    let (s, info) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/processes/{pid}/stdin/close"),
+        None,
+    );
+    assert_eq!(
+        (s, info["stdin_open"].as_bool()),
+        (200, Some(false)),
+        "{info}"
+    );
+
+    // A zero wait timeout, however written, is no limit (as for exec).
+    let pid = background(&d, &id, json!({"cmd": "sleep 0.3; exit 7"}));
+    let (s, r) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/processes/{pid}/wait?timeout=0s"),
+        None,
+    );
+    assert_eq!((s, r["exit_code"].as_i64()), (200, Some(7)), "{r}");
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None).0,
+        204
+    );
+}

@@ -96,6 +96,22 @@ fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiE
     .map_err(|e| ApiError::invalid(format!("invalid query string: {}", e.body_text())))
 }
 
+/// Path parameters: one that does not parse (a process ID that is not a
+/// number) is a 400 in the native envelope, not axum's plain text.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| ApiError::invalid(format!("bad path: {}", e.body_text())))
+    }
+}
+
 /// The API key of a request, from `Authorization: Bearer <key>` or `X-API-Key`.
 pub fn presented_key(parts: &Parts) -> Option<String> {
     if let Some(value) = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()) {

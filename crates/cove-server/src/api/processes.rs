@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::extract::{ApiJson, ApiQuery, Auth};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Auth};
 use crate::error::ApiError;
 use crate::exec;
 
@@ -168,7 +168,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     auth: Auth,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
 ) -> Result<Json<ProcessInfo>, ApiError> {
     let who = auth.require(Scope::Exec)?;
     let (_entry, agent) = state.manager.agent(who, &id).await?;
@@ -200,13 +200,15 @@ pub struct WaitQuery {
 pub async fn wait(
     State(state): State<AppState>,
     auth: Auth,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<Json<ExecResult>, ApiError> {
     let who = auth.require(Scope::Exec)?;
     let timeout = match query.timeout.as_deref() {
-        None | Some("") | Some("0") => None,
-        Some(t) => Some(cove_api::units::parse_duration(t).map_err(ApiError::invalid)?),
+        None | Some("") => None,
+        // Zero, however written, is no limit (as an exec's timeout).
+        Some(t) => Some(cove_api::units::parse_duration(t).map_err(ApiError::invalid)?)
+            .filter(|t| !t.is_zero()),
     };
     let (_entry, agent) = state.manager.fresh_agent(who, &id).await?;
     let (mut process, _) = agent
@@ -256,7 +258,7 @@ pub async fn wait(
 pub async fn signal(
     State(state): State<AppState>,
     auth: Auth,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiJson(req): ApiJson<SignalRequest>,
 ) -> Result<Json<ProcessInfo>, ApiError> {
     let who = auth.require(Scope::Exec)?;
@@ -298,7 +300,7 @@ pub async fn signal(
 pub async fn stdin(
     State(state): State<AppState>,
     auth: Auth,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     body: Body,
 ) -> Result<Json<StdinWritten>, ApiError> {
     let who = auth.require(Scope::Exec)?;
@@ -348,12 +350,14 @@ pub async fn stdin(
 pub async fn close_stdin(
     State(state): State<AppState>,
     auth: Auth,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
 ) -> Result<Json<ProcessInfo>, ApiError> {
     let who = auth.require(Scope::Exec)?;
     let (_entry, agent) = state.manager.agent(who, &id).await?;
-    let info = find(&agent, pid).await?;
+    find(&agent, pid).await?;
     agent.close_stdin(pid).await.map_err(exec::client_error)?;
+    // Read again: the answer shows the pipe closed.
+    let info = find(&agent, pid).await?;
     Ok(Json(process_info(&info)))
 }
 
@@ -687,7 +691,7 @@ pub async fn stream(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let who = auth.require(Scope::Exec)?;
@@ -740,11 +744,17 @@ enum Control {
 pub async fn attach(
     State(state): State<AppState>,
     auth: Auth,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiQuery(query): ApiQuery<StreamQuery>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let who = auth.require(Scope::Exec)?;
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::invalid(format!(
+            "this endpoint is a WebSocket; connect with a WebSocket client ({})",
+            e.body_text()
+        ))
+    })?;
     let from = [
         query.stdout_offset.or(query.offset).unwrap_or(0),
         query.stderr_offset.or(query.offset).unwrap_or(0),
