@@ -159,6 +159,32 @@ fn run_with(config: AgentConfig, endpoints: Endpoints, incoming: Option<MakeInco
     local.block_on(&runtime, serve(config, endpoints, incoming))
 }
 
+/// Create the sandbox's default working directory when its template
+/// lacks it (as `docker run -w` and a Dockerfile's `WORKDIR` do), owned by
+/// the sandbox's default user, so that commands start where the sandbox
+/// was asked to put them rather than in `/`. Failing that (a read-only
+/// root), commands fall back to `/`.
+fn make_working_dir(config: &AgentConfig) {
+    let dir = std::path::Path::new(&config.cwd);
+    if !dir.is_absolute() || dir.is_dir() {
+        return;
+    }
+    if let Err(err) = std::fs::create_dir_all(dir) {
+        eprintln!(
+            "cove-agent: cannot create the working directory {}: {err}",
+            dir.display()
+        );
+        return;
+    }
+    let owner = match config.user.as_deref() {
+        None | Some("root") | Some("0") | Some("0:0") => return,
+        Some(user) => users::resolve(&config.root, user),
+    };
+    if let Ok(who) = owner {
+        let _ = std::os::unix::fs::chown(dir, Some(who.uid), Some(who.gid));
+    }
+}
+
 async fn serve(
     mut config: AgentConfig,
     endpoints: Endpoints,
@@ -175,6 +201,7 @@ async fn serve(
             return 1;
         }
     };
+    make_working_dir(&config);
     let files = files::Files::new(
         &config.root,
         &config.cwd,
