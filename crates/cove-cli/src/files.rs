@@ -140,16 +140,15 @@ impl Write for ChunkSender {
 async fn upload(client: &Client, args: &CpArgs, id: &str, dest: &str) -> Result<ExitCode, Failure> {
     let dest = if dest.is_empty() { "." } else { dest };
     let (tx, mut rx) = mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
-    let (dir, builder): (
-        String,
-        Box<dyn FnOnce(ChunkSender) -> std::io::Result<()> + Send>,
-    ) = if args.src == "-" {
+    // Where the archive is extracted, how the copy is shown, and what writes it.
+    type Build = Box<dyn FnOnce(ChunkSender) -> std::io::Result<()> + Send>;
+    let (dir, shown, builder): (String, String, Build) = if args.src == "-" {
         // A tar stream on stdin goes as it is.
         let build = |mut out: ChunkSender| -> std::io::Result<()> {
             std::io::copy(&mut std::io::stdin().lock(), &mut out)?;
             out.flush()
         };
-        (dest.to_string(), Box::new(build))
+        (dest.to_string(), dest.to_string(), Box::new(build))
     } else {
         let src = PathBuf::from(&args.src);
         let meta = std::fs::symlink_metadata(&src)
@@ -158,10 +157,16 @@ async fn upload(client: &Client, args: &CpArgs, id: &str, dest: &str) -> Result<
         let src_name = if contents_only {
             None
         } else {
+            // The name as given (a symlink is copied as itself, under its
+            // own name); `.`, `..` and the like by what they point at.
             let name = src
-                .canonicalize()
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .or_else(|| {
+                    src.canonicalize()
+                        .ok()
+                        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                })
                 .ok_or_else(|| Failure::new(format!("{}: cannot name it", src.display())))?;
             Some(name)
         };
@@ -185,6 +190,10 @@ async fn upload(client: &Client, args: &CpArgs, id: &str, dest: &str) -> Result<
             }
             Err(err) => return Err(fail(err)),
         };
+        let shown = match &name {
+            Some(name) => format!("{}/{name}", dir.trim_end_matches('/')),
+            None => dir.clone(),
+        };
         let build = move |out: ChunkSender| -> std::io::Result<()> {
             let mut tar = tar::Builder::new(out);
             tar.follow_symlinks(false);
@@ -195,7 +204,7 @@ async fn upload(client: &Client, args: &CpArgs, id: &str, dest: &str) -> Result<
             }
             tar.into_inner()?.flush()
         };
-        (dir, Box::new(build))
+        (dir, shown, Box::new(build))
     };
     let writer = ChunkSender {
         tx: tx.clone(),
@@ -212,7 +221,7 @@ async fn upload(client: &Client, args: &CpArgs, id: &str, dest: &str) -> Result<
     let done = result.map_err(fail)?;
     if !args.quiet {
         eprintln!(
-            "copied {} ({} entries) to {id}:{dir}",
+            "copied {} ({} entries) to {id}:{shown}",
             human(done.bytes),
             done.entries
         );
@@ -340,7 +349,11 @@ async fn download(
         }
     }
     if !args.quiet {
-        eprintln!("copied {} from {id}:{src}", human(total));
+        eprintln!(
+            "copied {id}:{src} to {} ({} as a tar stream)",
+            dst.display(),
+            human(total)
+        );
     }
     Ok(ExitCode(0))
 }
