@@ -1213,6 +1213,27 @@ fn cove_cp_and_files_commands() {
         "../README\n"
     );
     assert_eq!(d.sh(&id, "cmp /workspace/project/src/deep/data.bin /workspace/project/src/deep/data.bin && wc -c < /workspace/project/src/deep/data.bin")["stdout"], "200000\n");
+    // Symlinks go in as themselves, under their own names.
+    std::os::unix::fs::symlink("project", local.path().join("linkdir")).unwrap();
+    std::os::unix::fs::symlink("project/README", local.path().join("mylink")).unwrap();
+    for link in ["linkdir", "mylink"] {
+        let out = cove(
+            &d,
+            &["cp", link, &format!("{id}:/workspace/")],
+            local.path(),
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&format!("/workspace/{link}")),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ok(out);
+    }
+    assert_eq!(
+        d.sh(&id, "readlink /workspace/linkdir /workspace/mylink")["stdout"],
+        "project\nproject/README\n"
+    );
+    d.sh(&id, "rm /workspace/linkdir /workspace/mylink");
     // A file in, under a new name.
     ok(cove(
         &d,
