@@ -315,6 +315,24 @@ fn round_trips_metadata_and_errors() {
     let (status, body) = get(&d, &id, "/workspace/a\0b");
     assert_eq!((status, code(&json_of(&body))), (400, "invalid_request"));
     assert!(String::from_utf8_lossy(&body).contains("NUL"));
+    // A path that is not UTF-8 is refused, not rewritten to another name.
+    let (status, body) = send(
+        d.request(
+            reqwest::Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path=/workspace/%ff"),
+            Some(&d.admin),
+        )
+        .body("x"),
+    );
+    assert_eq!((status, code(&json_of(&body))), (400, "invalid_request"));
+    assert!(
+        d.sh(&id, "ls /workspace")["stdout"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .all(|name| name != "\u{fffd}"),
+        "a file named U+FFFD was written"
+    );
     let long = format!("/workspace/{}", "d/".repeat(2100));
     let (status, body) = get(&d, &id, &long);
     assert_eq!((status, code(&json_of(&body))), (400, "invalid_request"));

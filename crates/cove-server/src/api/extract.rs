@@ -86,7 +86,40 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// Whether every name and value of `query` is UTF-8 once its
+/// percent-escapes are decoded. The form decoder would replace invalid
+/// bytes with U+FFFD, and a file path so rewritten names another file.
+fn decodes_to_utf8(query: &str) -> bool {
+    query.split(['&', '=']).all(|part| {
+        let bytes = part.as_bytes();
+        let mut decoded = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            match bytes[i] {
+                b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        decoded.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => decoded.push(b'%'),
+                },
+                b => decoded.push(b),
+            }
+            i += 1;
+        }
+        std::str::from_utf8(&decoded).is_ok()
+    })
+}
+
 fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    if !decodes_to_utf8(query) {
+        return Err(ApiError::invalid(
+            "the query string holds bytes that are not UTF-8 (a path must be UTF-8; \
+             files with other names can be reached through their directory's tar stream)",
+        ));
+    }
     axum::extract::Query::<T>::try_from_uri(
         &format!("/?{query}")
             .parse()
@@ -171,5 +204,20 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         authenticate(parts, state).map(Auth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decodes_to_utf8;
+
+    #[test]
+    fn query_strings_must_decode_to_utf8() {
+        assert!(decodes_to_utf8("path=/workspace/a%20b.txt&recursive=true"));
+        assert!(decodes_to_utf8("path=/caf%C3%A9&x=%"));
+        assert!(decodes_to_utf8(""));
+        assert!(!decodes_to_utf8("path=/workspace/%ff"));
+        assert!(!decodes_to_utf8("path=/workspace/%C3"));
+        assert!(!decodes_to_utf8("%fe=1"));
     }
 }

@@ -69,11 +69,17 @@ pub fn file_error(err: ClientError) -> ApiError {
 }
 
 fn required(path: Option<String>) -> Result<String, ApiError> {
+    required_as(path, "`path` query parameter")
+}
+
+/// A path the request must give, named as the client wrote it (a query
+/// parameter or a JSON field).
+fn required_as(path: Option<String>, what: &str) -> Result<String, ApiError> {
     match path {
         Some(path) if !path.is_empty() => Ok(path),
-        _ => Err(ApiError::invalid(
-            "missing `path` query parameter: the path in the sandbox",
-        )),
+        _ => Err(ApiError::invalid(format!(
+            "missing {what}: the path in the sandbox"
+        ))),
     }
 }
 
@@ -406,7 +412,7 @@ pub async fn mkdir(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<MkdirRequest>,
 ) -> Result<Response, ApiError> {
-    let path = required(Some(req.path))?;
+    let path = required_as(Some(req.path), "`path` field")?;
     let agent = agent(&state, &auth, &id).await?;
     let entry = agent
         .fs_mkdir(&path, req.parents, req.mode.map(|m| m.0))
@@ -433,8 +439,8 @@ pub async fn rename(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> Result<Json<FileEntry>, ApiError> {
-    let from = required(Some(req.from))?;
-    let to = required(Some(req.to))?;
+    let from = required_as(Some(req.from), "`from` field")?;
+    let to = required_as(Some(req.to), "`to` field")?;
     let agent = agent(&state, &auth, &id).await?;
     agent
         .fs_move(&from, &to, req.overwrite)

@@ -310,7 +310,7 @@ pub async fn stdin(
         return Err(ApiError::new(
             ErrorCode::Conflict,
             format!(
-                "the stdin of process {pid} is closed (start it with \"background\": true and \"stdin_open\": true)"
+                "the stdin of process {pid} is closed (it was closed, by a stdin/close or by the process itself, or the process was not started with \"background\": true and \"stdin_open\": true)"
             ),
         ));
     }
