@@ -478,6 +478,20 @@ fn cpu_and_pids_limits_reach_the_cgroups() {
 /// `cove run` makes cgroups only where a limit needs one (on a v1 or
 /// hybrid host: no memory, pids or cpu directory without --memory, --pids
 /// or --cpus), besides the one that kills and freezes the sandbox.
+/// The cgroup directories of `env`'s sandbox once its `sleep TAG` runs
+/// (waiting up to 5 s; whatever is there then).
+fn cgroups_once_running(env: &Env, tag: &str) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for _ in 0..200 {
+        dirs = env.cgroup_children();
+        if !dirs.is_empty() && host_runs(&["sleep", tag]) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    dirs
+}
+
 #[test]
 fn only_the_cgroups_a_limit_needs() {
     if !root() {
@@ -498,14 +512,7 @@ fn only_the_cgroups_a_limit_needs() {
             .args(["--", "sleep", &tag])
             .spawn()
             .unwrap();
-        let mut dirs = Vec::new();
-        for _ in 0..200 {
-            dirs = env.cgroup_children();
-            if !dirs.is_empty() && host_runs(&["sleep", &tag]) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
+        let dirs = cgroups_once_running(&env, &tag);
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -726,14 +733,7 @@ fn a_pure_v2_host_runs_sandboxes_in_its_one_hierarchy() {
         &env,
         &["run", "--", "sh", "-c", &format!("sleep {tag}; echo ran")],
     );
-    let mut dirs = Vec::new();
-    for _ in 0..200 {
-        dirs = env.cgroup_children();
-        if !dirs.is_empty() && host_runs(&["sleep", &tag]) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
+    let dirs = cgroups_once_running(&env, &tag);
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         (code(&out), stdout(&out).as_str()),

@@ -450,8 +450,8 @@ pub(crate) fn remove(root: &Root, ctx: &Ctx, path: &str, recursive: bool) -> Res
         if Mount::of(&parent, c"", &parent_st).crossed_by(&top, FileKind::Dir) {
             return Err(mount_point(&abs));
         }
-        check_tree(ctx, &dir, &abs, &top, 0)?;
-        empty_tree(ctx, &dir, &abs, &top, 0)?;
+        walk_tree(ctx, &dir, &abs, &top, 0, Pass::Check)?;
+        walk_tree(ctx, &dir, &abs, &top, 0, Pass::Empty)?;
     }
     nix::unistd::unlinkat(parent.as_fd(), name.as_c_str(), UnlinkatFlags::RemoveDir)
         .map_err(|e| errno_error(e, &abs))
@@ -467,8 +467,23 @@ fn open_child(dir: &OwnedFd, name: &CStr, at: &str) -> Result<OwnedFd, FsError> 
     .map_err(|e| errno_error(e, at))
 }
 
-/// Refuse a tree that holds a mount point, before anything is removed.
-fn check_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, top: &Mount, depth: u32) -> Result<(), FsError> {
+/// The two walks of a recursive remove: the whole tree checked first, so
+/// that a mount point anywhere refuses it before anything is removed, then
+/// emptied (checking each entry again, for a mount that appeared since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Check,
+    Empty,
+}
+
+fn walk_tree(
+    ctx: &Ctx,
+    dir: &OwnedFd,
+    at: &str,
+    top: &Mount,
+    depth: u32,
+    pass: Pass,
+) -> Result<(), FsError> {
     ctx.check()?;
     if depth > 4 * MAX_DEPTH {
         return Err(invalid(format!("{} is nested too deeply", shown(at))));
@@ -481,42 +496,29 @@ fn check_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, top: &Mount, depth: u32) -> Re
         let kind = kind_of(&st);
         if top.crossed_by(&Mount::of(dir, &name, &st), kind) {
             let mut err = mount_point(&child_path);
-            err.message.push_str(" (nothing was removed)");
+            if pass == Pass::Check {
+                err.message.push_str(" (nothing was removed)");
+            }
             return Err(err);
         }
         if kind == FileKind::Dir {
             let child = open_child(dir, &name, &child_path)?;
-            check_tree(ctx, &child, &child_path, top, depth + 1)?;
+            walk_tree(ctx, &child, &child_path, top, depth + 1, pass)?;
         }
-    }
-    Ok(())
-}
-
-fn empty_tree(ctx: &Ctx, dir: &OwnedFd, at: &str, top: &Mount, depth: u32) -> Result<(), FsError> {
-    ctx.check()?;
-    if depth > 4 * MAX_DEPTH {
-        return Err(invalid(format!("{} is nested too deeply", shown(at))));
-    }
-    for name in read_names(dir).map_err(|e| errno_error(e, at))? {
-        let child_path = join(at, &name.to_string_lossy());
-        let Ok(st) = lstat_at(dir, &name) else {
-            continue;
-        };
-        let kind = kind_of(&st);
-        // Checked again: a mount may have appeared since the walk.
-        if top.crossed_by(&Mount::of(dir, &name, &st), kind) {
-            return Err(mount_point(&child_path));
-        }
-        if kind == FileKind::Dir {
-            let child = open_child(dir, &name, &child_path)?;
-            empty_tree(ctx, &child, &child_path, top, depth + 1)?;
-            nix::unistd::unlinkat(dir.as_fd(), name.as_c_str(), UnlinkatFlags::RemoveDir)
-                .map_err(|e| errno_error(e, &child_path))?;
-        } else {
-            match nix::unistd::unlinkat(dir.as_fd(), name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
-                Ok(()) | Err(Errno::ENOENT) => {}
-                Err(e) => return Err(errno_error(e, &child_path)),
-            }
+        if pass == Pass::Empty {
+            let removed = if kind == FileKind::Dir {
+                nix::unistd::unlinkat(dir.as_fd(), name.as_c_str(), UnlinkatFlags::RemoveDir)
+            } else {
+                match nix::unistd::unlinkat(
+                    dir.as_fd(),
+                    name.as_c_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                ) {
+                    Err(Errno::ENOENT) => Ok(()),
+                    other => other,
+                }
+            };
+            removed.map_err(|e| errno_error(e, &child_path))?;
         }
     }
     Ok(())

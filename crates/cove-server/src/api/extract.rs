@@ -91,25 +91,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 /// bytes with U+FFFD, and a file path so rewritten names another file.
 fn decodes_to_utf8(query: &str) -> bool {
     query.split(['&', '=']).all(|part| {
-        let bytes = part.as_bytes();
-        let mut decoded = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            match bytes[i] {
-                b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        decoded.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => decoded.push(b'%'),
-                },
-                b => decoded.push(b),
-            }
-            i += 1;
-        }
-        std::str::from_utf8(&decoded).is_ok()
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .is_ok()
     })
 }
 
